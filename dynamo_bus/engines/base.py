@@ -1,0 +1,80 @@
+"""The Engine interface every backend implements, and its lifecycle.
+
+Lifecycle, in order:
+
+1. ``__init__`` stores configuration only; it loads nothing.
+2. ``await start()`` loads weights / allocates the KV pool. Called once.
+3. ``generate(request)`` is an async iterator of ``EngineOutput``; many run at once
+   (continuous batching is the engine's business). Each output carries the tokens
+   produced since the previous one, so a slow reader gets fewer, larger outputs
+   rather than a growing backlog. The last output has ``finish_reason`` set.
+4. ``await abort(request_id)`` ends a running ``generate``: its iterator yields a last
+   output with ``finish_reason="cancelled"`` and the request's KV blocks are freed.
+   Aborting an unknown or finished request is a no-op. Closing the iterator early
+   (``aclose()`` or cancelling the task that iterates it) aborts too.
+5. ``await stop()`` aborts everything still running and releases resources.
+   Idempotent.
+
+``load()`` is cheap and synchronous: the worker publishes it to the load bucket.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from dynamo_bus.messages import FinishReason, Fingerprint, SamplingOptions
+
+
+class EngineRequest(msgspec.Struct):
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingOptions
+
+
+class EngineOutput(msgspec.Struct):
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    cached_tokens: int = 0
+    logprobs: list[float] | None = None
+
+
+class EngineLoad(msgspec.Struct):
+    active_requests: int = 0
+    waiting_requests: int = 0
+    active_prefill_tokens: int = 0
+    active_blocks: int = 0
+    total_blocks: int = 0
+
+
+class Engine(abc.ABC):
+    """A model executor behind the worker runtime. See the module docstring."""
+
+    name: str = "engine"
+
+    @property
+    @abc.abstractmethod
+    def fingerprint(self) -> Fingerprint:
+        """Model, block size and hash scheme, checked by whoever routes to this engine."""
+
+    @property
+    @abc.abstractmethod
+    def context_length(self) -> int:
+        """Longest prompt + output this engine accepts, in tokens."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad: ...

@@ -1,0 +1,188 @@
+"""Every message that crosses the bus, as msgspec Structs: the one wire schema.
+
+Rules for changing this module (see msgspec's schema-evolution guide):
+
+* a new field goes last, with a default, so old readers skip it and new readers of
+  old messages get the default;
+* a field's type never changes and a field is never renumbered or renamed;
+* a change that cannot follow these rules bumps ``SCHEMA_VERSION``; writers then
+  set ``v`` explicitly and readers refuse messages whose ``v`` is newer than they
+  understand. ``v`` defaults to 1 forever, so a message without it is version 1.
+
+Everything is JSON on the wire, so any plain NATS publisher can submit a request and
+read the token stream without this library. Messages on the response stream are a
+tagged union (field ``type``) so one subscription can carry every kind.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Generic, Literal, TypeVar
+
+import msgspec
+
+from dynamo_bus.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+RoutingStrategy = Literal["round_robin", "random", "least_loaded", "kv_aware", "direct"]
+Role = Literal["aggregated", "prefill", "decode"]
+
+
+class SamplingOptions(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """How to pick tokens. ``None`` means the engine's default."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+class RoutingHints(msgspec.Struct, omit_defaults=True):
+    """Per-request routing overrides (the ``routing_strategy`` extension and friends)."""
+
+    strategy: RoutingStrategy | None = None
+    worker_id: str | None = None
+    exclude_workers: list[str] = []
+
+
+class Request(msgspec.Struct, omit_defaults=True):
+    """A tokenized generation request, published to the request stream.
+
+    ``reply_to`` is a core NATS subject on which the worker streams ``Chunk`` and
+    ``Error`` messages; ``request_id`` is also the JetStream de-duplication id, so a
+    publisher that retries never creates a second request.
+    """
+
+    request_id: str
+    model: str
+    token_ids: list[int]
+    reply_to: str
+    sampling: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
+    routing: RoutingHints = msgspec.field(default_factory=RoutingHints)
+    priority: int = 0
+    created_ns: int = 0
+    v: int = 1
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Chunk(msgspec.Struct, tag="chunk", tag_field="type", omit_defaults=True):
+    """New tokens of one request. ``index`` is the position of the first token in the
+    output, so a reader drops anything it has already seen after a redelivery."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    worker_id: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    logprobs: list[float] | None = None
+    v: int = 1
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
+    """A request failed; ``status`` is the HTTP status the frontend answers with."""
+
+    request_id: str
+    status: int
+    message: str
+    code: str = "internal_error"
+    param: str | None = None
+    v: int = 1
+
+
+Response = Chunk | Error
+
+
+class Cancel(msgspec.Struct, omit_defaults=True):
+    """Stop a request wherever it is: in a router's hands, queued or generating."""
+
+    request_id: str
+    reason: str = "client disconnected"
+    v: int = 1
+
+
+class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What must match between a worker and whoever hashes blocks for it."""
+
+    model: str
+    block_size: int
+    hash_scheme: str = "xxh3_64-seed1337-v1"
+
+
+class Registration(msgspec.Struct, omit_defaults=True):
+    """A live worker, kept in the workers bucket and re-put every heartbeat."""
+
+    worker_id: str
+    model: str
+    fingerprint: Fingerprint
+    work_subject: str
+    capacity: int
+    role: Role = "aggregated"
+    engine: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+    context_length: int = 0
+    v: int = 1
+
+
+class Load(msgspec.Struct, omit_defaults=True):
+    """A worker's load, put to the load bucket when it changes (and on heartbeat)."""
+
+    worker_id: str
+    active_requests: int = 0
+    capacity: int = 0
+    active_prefill_tokens: int = 0
+    active_blocks: int = 0
+    total_blocks: int = 0
+    at: float = 0.0
+    v: int = 1
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+T = TypeVar("T")
+
+
+class Codec(Generic[T]):
+    """A JSON encoder plus a typed decoder for one payload type."""
+
+    def __init__(self, kind: type[T] | object) -> None:
+        self._enc = msgspec.json.Encoder()
+        self._dec: msgspec.json.Decoder[T] = msgspec.json.Decoder(kind)  # type: ignore[arg-type]
+        self._name = getattr(kind, "__name__", str(kind))
+
+    def encode(self, obj: T) -> bytes:
+        return self._enc.encode(obj)
+
+    def decode(self, data: bytes) -> T:
+        try:
+            obj = self._dec.decode(data)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"malformed {self._name} message: {exc}") from exc
+        version = getattr(obj, "v", SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise ProtocolError(
+                f"{self._name} has schema version {version}; this build reads up to {SCHEMA_VERSION}"
+            )
+        return obj
+
+
+REQUEST = Codec(Request)
+RESPONSE: Codec[Response] = Codec(Response)
+CANCEL = Codec(Cancel)
+REGISTRATION = Codec(Registration)
+LOAD = Codec(Load)
