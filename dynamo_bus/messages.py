@@ -134,6 +134,7 @@ class Registration(msgspec.Struct, omit_defaults=True):
     started_at: float = 0.0
     heartbeat_at: float = 0.0
     context_length: int = 0
+    draining: bool = False
     v: int = 1
 
 

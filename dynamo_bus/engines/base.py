@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from dynamo_bus.messages import FinishReason, Fingerprint, SamplingOptions
+from dynamo_bus.messages import Fingerprint, FinishReason, SamplingOptions
 
 
 class EngineRequest(msgspec.Struct):

@@ -1,0 +1,128 @@
+"""The connection to NATS and the JetStream topology every role relies on.
+
+``ensure_topology`` is idempotent: every role calls it at start-up, the first one
+creates the streams, consumer and buckets, later ones (and restarts) find them and
+update them only where the configuration in this code changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from dynamo_bus.config import Config
+from dynamo_bus.subjects import Names
+
+log = logging.getLogger(__name__)
+
+REQUEST_LOG_MAX_AGE = 24 * 3600.0  # the request log is kept a day for record / replay
+DEDUPE_WINDOW = 120.0
+
+
+@dataclass
+class Bus:
+    """A connection plus the handles every role uses."""
+
+    nc: NATS
+    js: JetStreamContext
+    names: Names
+    workers_kv: KeyValue
+    load_kv: KeyValue
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(url: str, *, name: str) -> NATS:
+    async def _error_cb(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    return await nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        error_cb=_error_cb, pending_size=64 * 1024 * 1024, flush_timeout=10,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None:
+    assert cfg.name is not None
+    try:
+        info = await js.stream_info(cfg.name)
+    except NotFoundError:
+        await js.add_stream(cfg)
+        log.debug("created stream %s", cfg.name)
+        return
+    have = info.config
+    if (have.subjects, have.max_age, have.duplicate_window) != (
+            cfg.subjects, cfg.max_age, cfg.duplicate_window):
+        await js.update_stream(cfg)
+        log.info("updated stream %s", cfg.name)
+
+
+async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyValue:
+    try:
+        kv = await js.key_value(bucket)
+        status = await kv.status()
+        if status.ttl is not None and abs(status.ttl - ttl) < 1e-3:
+            return kv
+    except BucketNotFoundError:
+        pass
+    # limit markers: watchers hear about a key whose TTL ran out, not only deletes.
+    return await js.create_key_value(bucket=bucket, ttl=ttl, history=1,
+                                     limit_marker_ttl=max(ttl, 1.0),
+                                     storage=js_api.StorageType.MEMORY)
+
+
+async def ensure_topology(js: JetStreamContext, names: Names, cfg: Config) -> tuple[KeyValue, KeyValue]:
+    """Create (or find) the request log, the work queues, the router consumer and the
+    registry buckets. Returns the workers and load buckets."""
+    await _ensure_stream(js, js_api.StreamConfig(
+        name=names.request_stream, subjects=[names.request_subjects],
+        retention=js_api.RetentionPolicy.LIMITS, storage=js_api.StorageType.FILE,
+        max_age=REQUEST_LOG_MAX_AGE, duplicate_window=DEDUPE_WINDOW,
+        discard=js_api.DiscardPolicy.OLD,
+    ))
+    await _ensure_stream(js, js_api.StreamConfig(
+        name=names.work_stream, subjects=[names.work_subjects],
+        retention=js_api.RetentionPolicy.WORK_QUEUE, storage=js_api.StorageType.FILE,
+        max_age=cfg.request_timeout, duplicate_window=DEDUPE_WINDOW,
+    ))
+    await ensure_consumer(js, names.request_stream, js_api.ConsumerConfig(
+        durable_name=names.router_consumer, ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=cfg.router_ack_wait,
+        max_deliver=5, max_ack_pending=cfg.router_max_inflight * 4, max_waiting=512,
+    ))
+    workers_kv = await _ensure_bucket(js, names.workers_bucket, cfg.worker_ttl)
+    load_kv = await _ensure_bucket(js, names.load_bucket, cfg.worker_ttl)
+    return workers_kv, load_kv
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str,
+                          cfg: js_api.ConsumerConfig) -> None:
+    assert cfg.durable_name is not None
+    try:
+        info = await js.consumer_info(stream, cfg.durable_name)
+    except NotFoundError:
+        await js.add_consumer(stream, cfg)
+        return
+    # deliver_policy cannot change on an existing consumer; the rest may.
+    have = info.config
+    if (have.ack_wait, have.max_ack_pending, have.filter_subject) != (
+            cfg.ack_wait, cfg.max_ack_pending, cfg.filter_subject):
+        cfg.deliver_policy = have.deliver_policy
+        await js.add_consumer(stream, cfg)
+
+
+async def open_bus(cfg: Config, url: str, *, name: str) -> Bus:
+    names = Names(cfg.namespace)
+    nc = await connect(url, name=name)
+    js = nc.jetstream(timeout=10)
+    workers_kv, load_kv = await ensure_topology(js, names, cfg)
+    return Bus(nc=nc, js=js, names=names, workers_kv=workers_kv, load_kv=load_kv)

@@ -1,0 +1,132 @@
+"""The ``dynamo-bus`` command.
+
+    dynamo-bus serve                 everything in one process, embedded nats-server
+    dynamo-bus nats                  a nats-server with JetStream on 127.0.0.1
+    dynamo-bus frontend|router|worker --nats-url URL    one role per process
+    dynamo-bus model                 fetch/build the model directory and print its path
+
+Every setting is a flag, an environment variable ``DYNAMO_BUS_<NAME>`` or a key of the
+``--config`` TOML file (see ``config.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+import msgspec
+
+from dynamo_bus.config import Config, env_name, flag_name, resolve
+from dynamo_bus.errors import ConfigError
+
+_HELP = {
+    "nats_url": "NATS server or cluster URL; serve starts its own when unset",
+    "namespace": "isolates deployments that share a NATS cluster",
+    "store_dir": "JetStream store of the embedded nats-server (default: user cache)",
+    "model": "HF-format model directory (default: SmolLM2-135M-Instruct, fetched once)",
+    "served_model_name": "model name clients use (default: the directory's name)",
+    "http_host": "frontend bind address",
+    "http_port": "frontend port (0: any free port)",
+    "request_timeout": "seconds a request may take end to end",
+    "max_inflight": "requests one frontend accepts at once; beyond it answers 429",
+    "router_mode": "default routing strategy: round_robin, random, least_loaded",
+    "router_ack_wait": "seconds before a dead router's requests are redelivered",
+    "router_max_inflight": "requests one router forwards at once",
+    "engine": "engine of the workers: mock",
+    "worker_id": "worker id (default: engine name + random suffix)",
+    "workers": "number of workers this process runs",
+    "max_concurrency": "requests one worker runs at once",
+    "heartbeat_interval": "seconds between worker heartbeats",
+    "worker_ttl": "seconds after the last heartbeat a worker counts as gone",
+    "drain_timeout": "seconds a stopping worker waits for in-flight requests",
+    "mock_speedup": "mock engine: divide simulated time by this",
+    "block_size": "tokens per KV block",
+    "num_blocks": "KV blocks per worker (mock engine)",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def _arg_type(tp: object) -> type:
+    """The scalar type of a Config field annotation (``int | None`` -> int)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp if isinstance(tp, type) else str
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in msgspec.structs.fields(Config):
+        default = "unset" if f.default is None else f.default
+        p.add_argument(flag_name(f.name), dest=f.name, type=_arg_type(hints[f.name]),
+                       default=None, metavar=f.name.upper(),
+                       help=f"{_HELP.get(f.name, '')} [env {env_name(f.name)}; "
+                            f"default {default}]")
+    p.add_argument("--config", help="TOML file with settings (lowest precedence but defaults)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamo-bus",
+                                     description="LLM serving over NATS JetStream")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in [("serve", "run everything in one process (embedded NATS by default)"),
+                        ("frontend", "run the OpenAI HTTP frontend"),
+                        ("router", "run a router replica"),
+                        ("worker", "run worker(s)")]:
+        _add_config_flags(sub.add_parser(name, help=help_))
+    nats = sub.add_parser("nats", help="run a nats-server with JetStream on 127.0.0.1")
+    nats.add_argument("--port", type=int, default=4222, help="0: any free port")
+    nats.add_argument("--store-dir", type=Path, default=None)
+    model = sub.add_parser("model", help="fetch/build the model directory, print its path")
+    model.add_argument("--model", default=None)
+    return parser
+
+
+def _run_nats(port: int, store_dir: Path | None) -> int:
+    from dynamo_bus.modeldir import default_cache_dir
+    from dynamo_bus.natsserver import EmbeddedNats
+
+    server = EmbeddedNats(store_dir or default_cache_dir() / "nats", port=port)
+    url = server.start()
+    print(url, flush=True)
+    try:
+        return asyncio.run(server.wait())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "nats":
+            return _run_nats(args.port, args.store_dir)
+        if args.command == "model":
+            from dynamo_bus.modeldir import resolve_model
+
+            print(resolve_model(args.model).path)
+            return 0
+        cli = {k: v for k, v in vars(args).items()
+               if k not in ("command", "config") and v is not None}
+        cfg = resolve(cli, config_file=args.config)
+        if args.command != "serve" and not cfg.nats_url:
+            raise ConfigError(f"{args.command} needs a NATS server: pass --nats-url "
+                              f"(env {env_name('nats_url')}), e.g. from `dynamo-bus nats`")
+        logging.basicConfig(level=cfg.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from dynamo_bus.roles import run
+
+        asyncio.run(run(cfg, args.command))
+        return 0
+    except ConfigError as exc:
+        print(f"dynamo-bus: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

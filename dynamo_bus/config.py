@@ -1,0 +1,89 @@
+"""Configuration: one frozen Struct per process, resolved once.
+
+Precedence: command-line flag > environment variable ``DYNAMO_BUS_<FIELD>`` > TOML file
+(``--config``) > the default here. Every error names the flag and the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from dynamo_bus.errors import ConfigError
+
+ENV_PREFIX = "DYNAMO_BUS_"
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    # where
+    nats_url: str | None = None          # None: start an embedded nats-server
+    namespace: str = "dynamo"
+    store_dir: str | None = None         # embedded server's JetStream store
+    # model
+    model: str | None = None             # HF-format dir; None: SmolLM2 from the cache
+    served_model_name: str | None = None
+    # frontend
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    request_timeout: float = 600.0       # seconds a request may take end to end
+    max_inflight: int = 4096             # per frontend; beyond it: 429
+    # router
+    router_mode: str = "round_robin"
+    router_ack_wait: float = 10.0        # a dead router's requests come back after this
+    router_max_inflight: int = 512
+    # worker
+    engine: str = "mock"
+    worker_id: str | None = None
+    workers: int = 1                     # aggregated workers started by `serve`
+    max_concurrency: int = 64            # requests one worker runs at once
+    heartbeat_interval: float = 1.0
+    worker_ttl: float = 5.0              # registration expires this long after a heartbeat
+    drain_timeout: float = 30.0
+    # mock engine
+    mock_speedup: float = 1.0
+    block_size: int = 16
+    num_blocks: int = 16384
+    # logging
+    log_level: str = "info"
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def resolve(cli: dict[str, Any], *, config_file: str | None = None,
+            environ: dict[str, str] | None = None) -> Config:
+    """Merge the layers. ``cli`` holds only flags the user actually gave."""
+    environ = dict(os.environ if environ is None else environ)
+    fields = {f.name: f for f in msgspec.structs.fields(Config)}
+    merged: dict[str, Any] = {}
+    config_file = config_file or environ.get(env_name("config"))
+    if config_file:
+        try:
+            merged.update(tomllib.loads(Path(config_file).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc} "
+                              f"(flag --config, env {env_name('config')})") from exc
+        unknown = set(merged) - set(fields)
+        if unknown:
+            raise ConfigError(f"unknown settings in {config_file}: {sorted(unknown)}")
+    for name in fields:
+        if env_name(name) in environ:
+            merged[name] = environ[env_name(name)]
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.http_port`": name the flag and variable instead.
+        msg = str(exc)
+        field = msg.rsplit("$.", 1)[-1].rstrip("`") if "$." in msg else ""
+        hint = f" (flag {flag_name(field)}, env {env_name(field)})" if field in fields else ""
+        raise ConfigError(f"invalid setting: {msg}{hint}") from exc

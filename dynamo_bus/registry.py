@@ -1,0 +1,135 @@
+"""Live workers and their load, as a local cache of the workers and load KV buckets.
+
+Nothing here is authoritative: the buckets are. A registry is rebuilt by watching
+them, so a router or frontend that restarts sees the same workers as its peers.
+Liveness is judged by when this process last heard a heartbeat (not by the worker's
+clock), so hosts with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from nats.js.kv import KeyValue
+
+from dynamo_bus.errors import ProtocolError
+from dynamo_bus.messages import LOAD, REGISTRATION, Load, Registration
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self, workers_kv: KeyValue, load_kv: KeyValue, *, ttl: float) -> None:
+        self._workers_kv = workers_kv
+        self._load_kv = load_kv
+        self.ttl = ttl
+        self._workers: dict[str, tuple[Registration, float]] = {}
+        self._loads: dict[str, Load] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self.on_removed: list[Callable[[str], None]] = []
+
+    async def start(self) -> None:
+        workers_seen = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._watch(self._workers_kv, self._on_worker, workers_seen)),
+            asyncio.create_task(self._watch(self._load_kv, self._on_load, asyncio.Event())),
+        ]
+        await asyncio.wait_for(workers_seen.wait(), 10)
+        self._ready.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _watch(self, kv: KeyValue, apply: Callable[[str, bytes | None], None],
+                     initial_done: asyncio.Event) -> None:
+        while True:
+            try:
+                watcher = await kv.watchall()
+                try:
+                    async for entry in watcher:
+                        if entry is None:  # end of the initial snapshot
+                            initial_done.set()
+                            continue
+                        deleted = entry.operation is not None or not entry.value
+                        apply(entry.key, None if deleted else entry.value)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the watch died (server restart): start over
+                log.warning("watch on %s failed (%s); re-watching", kv._name, exc)
+                await asyncio.sleep(0.5)
+
+    def _on_worker(self, key: str, value: bytes | None) -> None:
+        loop = asyncio.get_running_loop()
+        if value is None:
+            if self._workers.pop(key, None) is not None:
+                self._removed(key)
+            return
+        try:
+            reg = REGISTRATION.decode(value)
+        except ProtocolError as exc:
+            log.warning("ignoring worker %s: %s", key, exc)
+            return
+        self._workers[key] = (reg, loop.time())
+        self._changed.set()
+
+    def _on_load(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self._loads.pop(key, None)
+            return
+        with contextlib.suppress(ProtocolError):
+            self._loads[key] = LOAD.decode(value)
+
+    def _removed(self, worker_id: str) -> None:
+        self._loads.pop(worker_id, None)
+        log.info("worker %s left", worker_id)
+        for cb in self.on_removed:
+            cb(worker_id)
+
+    def _expire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for wid in [w for w, (_, seen) in self._workers.items() if now - seen > self.ttl]:
+            del self._workers[wid]
+            self._removed(wid)
+
+    def workers(self, model: str | None = None, *,
+                include_draining: bool = False) -> list[Registration]:
+        """Live workers taking new work, optionally only those serving ``model``."""
+        self._expire()
+        return [reg for reg, _ in self._workers.values()
+                if (model is None or reg.model == model)
+                and (include_draining or not reg.draining)]
+
+    def get(self, worker_id: str) -> Registration | None:
+        self._expire()
+        found = self._workers.get(worker_id)
+        return found[0] if found else None
+
+    def models(self) -> set[str]:
+        return {r.model for r in self.workers(include_draining=True)}
+
+    def load(self, worker_id: str) -> Load | None:
+        return self._loads.get(worker_id)
+
+    async def wait_for_worker(self, model: str | None = None, timeout: float = 30.0) -> bool:
+        """Wait until at least one live worker serves ``model``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.workers(model):
+            self._changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True

@@ -1,0 +1,174 @@
+"""The submitting side of the bus, shared by the HTTP frontend and the NATS client.
+
+One subscription per process (``dyn.<ns>.resp.<client_id>.>``) carries the token
+streams of every request it submitted; they are demultiplexed here by request id.
+A request's stream ends with a chunk carrying ``finish_reason``, or an error. It also
+ends with a 503 when the worker running it leaves the registry, so a dead worker
+never leaves a client waiting for the full timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from nats.aio.msg import Msg
+
+from dynamo_bus.bus import Bus
+from dynamo_bus.errors import (DynamoBusError, NoWorker, Overloaded, ProtocolError,
+                               RequestTimeout, from_status)
+from dynamo_bus.messages import (CANCEL, REQUEST, RESPONSE, Cancel, Chunk, Error, Request,
+                                 Response, now_ns)
+from dynamo_bus.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class TokenStream:
+    """The chunks of one request, in order, without duplicates."""
+
+    def __init__(self, requester: Requester, request: Request, timeout: float) -> None:
+        self.request = request
+        self.worker_id = ""
+        self.finished = False
+        self._requester = requester
+        self._queue: asyncio.Queue[Response] = asyncio.Queue()
+        self._next_index = 0
+        self._deadline = asyncio.get_running_loop().time() + timeout
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def _push(self, resp: Response) -> None:
+        self._queue.put_nowait(resp)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.finished:
+                remaining = self._deadline - loop.time()
+                try:
+                    resp = await asyncio.wait_for(self._queue.get(), max(remaining, 0))
+                except TimeoutError:
+                    await self.cancel("timed out")
+                    raise RequestTimeout("request timed out") from None
+                if isinstance(resp, Error):
+                    self.finished = True
+                    raise from_status(resp.status, resp.message, code=resp.code,
+                                      param=resp.param)
+                if resp.worker_id:
+                    self.worker_id = resp.worker_id
+                # Drop what was already seen (a redelivered request starts over at 0).
+                skip = self._next_index - resp.index
+                if skip > 0:
+                    if skip >= len(resp.token_ids) and resp.finish_reason is None:
+                        continue
+                    resp.token_ids = resp.token_ids[skip:]
+                    resp.index = self._next_index
+                self._next_index = resp.index + len(resp.token_ids)
+                if resp.finish_reason is not None:
+                    self.finished = True
+                yield resp
+        finally:
+            self._requester._forget(self.request_id)
+
+    async def cancel(self, reason: str = "client disconnected") -> None:
+        """Stop the request wherever it is. Safe to call more than once."""
+        if not self.finished:
+            self.finished = True
+            await self._requester.cancel(self.request_id, reason)
+
+
+class Requester:
+    def __init__(self, bus: Bus, registry: Registry, *, max_inflight: int = 4096,
+                 timeout: float = 600.0) -> None:
+        self.bus = bus
+        self.registry = registry
+        self.client_id = uuid.uuid4().hex[:12]
+        self.max_inflight = max_inflight
+        self.timeout = timeout
+        self._streams: dict[str, TokenStream] = {}
+        self._sub = None
+
+    async def start(self) -> None:
+        names = self.bus.names
+        self._sub = await self.bus.nc.subscribe(names.response_subjects(self.client_id),
+                                                cb=self._on_response)
+        self.registry.on_removed.append(self._on_worker_removed)
+
+    async def stop(self) -> None:
+        for stream in list(self._streams.values()):
+            stream._push(Error(request_id=stream.request_id, status=503,
+                               message="frontend is shutting down", code="shutdown"))
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._streams)
+
+    async def submit(self, request: Request, *, timeout: float | None = None) -> TokenStream:
+        """Publish ``request`` to the request log and return its token stream.
+
+        ``request.reply_to`` and ``created_ns`` are filled in here. Raises ``NoWorker``
+        when no live worker serves the model and ``Overloaded`` past ``max_inflight``.
+        """
+        if len(self._streams) >= self.max_inflight:
+            raise Overloaded(f"more than {self.max_inflight} requests in flight; retry later",
+                             status=429, code="too_many_requests")
+        if not self.registry.workers(request.model):
+            raise NoWorker(f"no live worker serves model {request.model!r}")
+        names = self.bus.names
+        request.reply_to = names.response_subject(self.client_id, request.request_id)
+        request.created_ns = request.created_ns or now_ns()
+        stream = TokenStream(self, request, timeout or self.timeout)
+        self._streams[request.request_id] = stream
+        try:
+            await self.bus.js.publish(names.request_subject(request.model),
+                                      REQUEST.encode(request),
+                                      headers={"Nats-Msg-Id": request.request_id})
+        except Exception as exc:
+            self._forget(request.request_id)
+            raise Overloaded(f"could not store the request: {exc}") from exc
+        return stream
+
+    async def cancel(self, request_id: str, reason: str) -> None:
+        self._forget(request_id)
+        with contextlib.suppress(Exception):
+            await self.bus.nc.publish(self.bus.names.cancel_subject,
+                                      CANCEL.encode(Cancel(request_id=request_id, reason=reason)))
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def _on_response(self, msg: Msg) -> None:
+        try:
+            resp = RESPONSE.decode(msg.data)
+        except ProtocolError as exc:
+            log.warning("dropping response: %s", exc)
+            return
+        stream = self._streams.get(resp.request_id)
+        if stream is not None:
+            stream._push(resp)
+
+    def _on_worker_removed(self, worker_id: str) -> None:
+        for stream in list(self._streams.values()):
+            if stream.worker_id == worker_id and not stream.finished:
+                stream._push(Error(request_id=stream.request_id, status=503,
+                                   message=f"worker {worker_id} stopped while generating",
+                                   code="worker_lost"))
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+__all__ = ["DynamoBusError", "Requester", "TokenStream", "new_request_id"]

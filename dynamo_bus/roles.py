@@ -1,0 +1,178 @@
+"""Running roles in a process: ``serve`` (everything, one process, embedded NATS) or one
+role per process (``frontend``, ``router``, ``worker``) against ``--nats-url``.
+
+Start order: workers → router → frontend, so the frontend is ready only when it can
+serve. Stop order is the reverse of what users see first: the frontend stops taking
+requests and finishes those in flight, then workers drain, then the router stops,
+then connections close and the embedded nats-server stops. A second signal exits at
+once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from dynamo_bus.bus import Bus, open_bus
+from dynamo_bus.config import Config
+from dynamo_bus.engines import make_engine
+from dynamo_bus.frontend import make_app, start_http
+from dynamo_bus.modeldir import ModelDir, default_cache_dir, resolve_model
+from dynamo_bus.natsserver import EmbeddedNats
+from dynamo_bus.registry import Registry
+from dynamo_bus.requester import Requester
+from dynamo_bus.router import Router
+from dynamo_bus.service import CompletionService
+from dynamo_bus.subjects import validate_worker_id
+from dynamo_bus.tokenizer import Tokenizer
+from dynamo_bus.worker import Worker
+
+log = logging.getLogger(__name__)
+
+Stop = Callable[[], Awaitable[None]]
+
+
+class Roles:
+    """What one process runs, with an ordered, idempotent ``stop``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.nats: EmbeddedNats | None = None
+        self.url = cfg.nats_url or ""
+        self.http_port = 0
+        self.workers: list[Worker] = []
+        self.routers: list[Router] = []
+        self._buses: list[Bus] = []
+        self._stops: list[tuple[int, Stop]] = []  # (order, stop): lower stops first
+        self._model: ModelDir | None = None
+
+    # -- pieces ------------------------------------------------------------------
+    def start_embedded_nats(self, store_dir: Path | None = None) -> str:
+        store = store_dir or Path(self.cfg.store_dir or default_cache_dir() / "nats")
+        self.nats = EmbeddedNats(store, log_file=store.parent / "nats-server.log")
+        self.url = self.nats.start()
+        return self.url
+
+    def model(self) -> ModelDir:
+        if self._model is None:
+            self._model = resolve_model(self.cfg.model)
+        return self._model
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.served_model_name or self.model().name
+
+    async def _bus(self, name: str) -> Bus:
+        bus = await open_bus(self.cfg, self.url, name=name)
+        self._buses.append(bus)
+        return bus
+
+    async def add_workers(self, count: int) -> list[Worker]:
+        model = self.model()
+        new = []
+        for i in range(count):
+            base = self.cfg.worker_id or f"{self.cfg.engine}-{uuid.uuid4().hex[:8]}"
+            wid = validate_worker_id(base if count == 1 else f"{base}-{i}")
+            engine = make_engine(self.cfg, model, self.model_name)
+            await engine.start()
+            worker = Worker(await self._bus(f"worker {wid}"), engine, self.cfg,
+                            worker_id=wid, model=self.model_name)
+            await worker.start()
+
+            async def _stop(worker: Worker = worker) -> None:
+                await worker.drain()
+                await worker.engine.stop()
+
+            self._stops.append((1, _stop))
+            new.append(worker)
+        self.workers += new
+        return new
+
+    async def add_router(self) -> Router:
+        router = Router(await self._bus("router"), self.cfg)
+        await router.start()
+        self._stops.append((2, router.stop))
+        self.routers.append(router)
+        return router
+
+    async def add_frontend(self, *, port: int | None = None) -> int:
+        model = self.model()
+        bus = await self._bus("frontend")
+        registry = Registry(bus.workers_kv, bus.load_kv, ttl=self.cfg.worker_ttl)
+        await registry.start()
+        requester = Requester(bus, registry, max_inflight=self.cfg.max_inflight,
+                              timeout=self.cfg.request_timeout)
+        await requester.start()
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model)
+        service = CompletionService(requester, model, tokenizer, served_name=self.model_name)
+        runner, self.http_port = await start_http(
+            make_app(service, registry), self.cfg.http_host,
+            self.cfg.http_port if port is None else port)
+        log.info("frontend serving %s at http://%s:%d/v1", self.model_name,
+                 self.cfg.http_host, self.http_port)
+
+        async def _stop() -> None:
+            await runner.cleanup()
+            await requester.stop()
+            await registry.stop()
+
+        self._stops.append((0, _stop))
+        return self.http_port
+
+    async def stop(self) -> None:
+        stops, self._stops = sorted(self._stops, key=lambda s: s[0]), []
+        for _, stop in stops:
+            try:
+                await stop()
+            except Exception:
+                log.exception("error while stopping")
+        for bus in self._buses:
+            with contextlib.suppress(Exception):
+                await bus.close()
+        self._buses = []
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT/SIGTERM; a second one exits the process at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def _on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("shutting down (signal again to force)")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal)
+    await stop.wait()
+
+
+async def run(cfg: Config, role: str) -> None:
+    """Run ``role`` (serve, frontend, router, worker) until a signal."""
+    roles = Roles(cfg)
+    try:
+        if role == "serve" and not cfg.nats_url:
+            roles.start_embedded_nats()
+            log.info("embedded nats-server at %s", roles.url)
+        if role in ("serve", "frontend", "worker"):
+            await asyncio.to_thread(roles.model)
+        if role in ("serve", "worker"):
+            await roles.add_workers(cfg.workers)
+        if role in ("serve", "router"):
+            await roles.add_router()
+        if role in ("serve", "frontend"):
+            await roles.add_frontend()
+        await wait_for_signal()
+    finally:
+        await roles.stop()

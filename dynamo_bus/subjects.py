@@ -1,0 +1,127 @@
+"""Every NATS subject, JetStream stream, consumer and KV bucket name, built here and
+only here. ``subjects.md`` lists the same names with who publishes and who consumes;
+``tests/unit/test_subjects.py`` fails when the two disagree.
+
+A namespace (``--namespace``, default ``dynamo``) isolates deployments sharing a
+cluster. Model names are free text, so they are escaped into one subject token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dynamo_bus.errors import ConfigError
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Characters a subject token may not hold, plus '%' (the escape character itself).
+_TOKEN_UNSAFE = re.compile(r"[\s.*>%]")
+
+
+def model_token(model: str) -> str:
+    """Escape a model name into one subject token, reversibly (percent-encoding)."""
+    if not model:
+        raise ConfigError("model name is empty")
+    return _TOKEN_UNSAFE.sub(lambda m: f"%{ord(m.group(0)):02X}", model)
+
+
+def model_from_token(token: str) -> str:
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), token)
+
+
+def validate_worker_id(worker_id: str) -> str:
+    if not _WORKER_ID_RE.match(worker_id):
+        raise ConfigError(
+            f"worker id {worker_id!r} must be 1-64 of [A-Za-z0-9_-] "
+            "(flag --worker-id, env DYNAMO_BUS_WORKER_ID)"
+        )
+    return worker_id
+
+
+@dataclass(frozen=True)
+class Names:
+    """All names of one namespace."""
+
+    namespace: str = "dynamo"
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ConfigError(
+                f"namespace {self.namespace!r} must be 1-32 of [A-Za-z0-9_-] "
+                "(flag --namespace, env DYNAMO_BUS_NAMESPACE)"
+            )
+
+    @property
+    def _ns(self) -> str:
+        return self.namespace
+
+    @property
+    def _NS(self) -> str:
+        return self.namespace.upper().replace("-", "_")
+
+    # -- request log -------------------------------------------------------------
+    @property
+    def request_stream(self) -> str:
+        return f"DYN_{self._NS}_REQUESTS"
+
+    def request_subject(self, model: str) -> str:
+        return f"dyn.{self._ns}.req.{model_token(model)}"
+
+    @property
+    def request_subjects(self) -> str:
+        return f"dyn.{self._ns}.req.>"
+
+    @property
+    def router_consumer(self) -> str:
+        return "router"
+
+    # -- per-worker work queues --------------------------------------------------
+    @property
+    def work_stream(self) -> str:
+        return f"DYN_{self._NS}_WORK"
+
+    def work_subject(self, worker_id: str) -> str:
+        return f"dyn.{self._ns}.work.{validate_worker_id(worker_id)}"
+
+    @property
+    def work_subjects(self) -> str:
+        return f"dyn.{self._ns}.work.>"
+
+    def worker_consumer(self, worker_id: str) -> str:
+        return f"worker-{validate_worker_id(worker_id)}"
+
+    # -- core NATS ---------------------------------------------------------------
+    def response_subject(self, client_id: str, request_id: str) -> str:
+        return f"dyn.{self._ns}.resp.{client_id}.{request_id}"
+
+    def response_subjects(self, client_id: str) -> str:
+        return f"dyn.{self._ns}.resp.{client_id}.>"
+
+    @property
+    def cancel_subject(self) -> str:
+        return f"dyn.{self._ns}.cancel"
+
+    # -- KV buckets --------------------------------------------------------------
+    @property
+    def workers_bucket(self) -> str:
+        return f"dyn_{self._ns}_workers"
+
+    @property
+    def load_bucket(self) -> str:
+        return f"dyn_{self._ns}_load"
+
+    def all_names(self) -> dict[str, str]:
+        """Every name with a placeholder for its variable parts (what subjects.md lists)."""
+        return {
+            "request_stream": self.request_stream,
+            "request_subject": self.request_subject("<model>"),
+            "router_consumer": self.router_consumer,
+            "work_stream": self.work_stream,
+            "work_subject": self.work_subject("W").replace(".W", ".<worker_id>"),
+            "worker_consumer": self.worker_consumer("W").replace("-W", "-<worker_id>"),
+            "response_subject": self.response_subject("<client_id>", "<request_id>"),
+            "cancel_subject": self.cancel_subject,
+            "workers_bucket": self.workers_bucket,
+            "load_bucket": self.load_bucket,
+        }
