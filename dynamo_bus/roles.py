@@ -126,12 +126,13 @@ class Roles:
         return self.http_port
 
     async def stop(self) -> None:
-        stops, self._stops = sorted(self._stops, key=lambda s: s[0]), []
-        for _, stop in stops:
-            try:
-                await stop()
-            except Exception:
-                log.exception("error while stopping")
+        stops, self._stops = self._stops, []
+        for order in sorted({o for o, _ in stops}):  # one stage at a time, its roles together
+            results = await asyncio.gather(*(stop() for o, stop in stops if o == order),
+                                           return_exceptions=True)
+            for exc in results:
+                if isinstance(exc, Exception):
+                    log.error("error while stopping: %r", exc)
         for bus in self._buses:
             with contextlib.suppress(Exception):
                 await bus.close()

@@ -142,7 +142,7 @@ def build_byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], special_i
         # Each pre-tokenizer name stands for a split regex; only the one we ship is mapped.
         raise ModelUnavailable(f"Unsupported GGUF pre-tokenizer {pre!r} (supported: 'smollm').")
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                     merges=[tuple(m.split(" ", 1)) for m in merges])
+                     merges=[_pair(m) for m in merges])
     tok = tokenizers.Tokenizer(bpe)
     # SmolLM2 (like StarCoder) splits every digit before the GPT-2 regex: llama.cpp's
     # "smollm" is regexes [\p{N}, gpt2], which is this pair.
@@ -154,6 +154,11 @@ def build_byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], special_i
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i in special_ids])
     return tok
+
+
+def _pair(merge: str) -> tuple[str, str]:
+    left, right = merge.split(" ", 1)  # byte-level symbols never hold a space (it is Ġ)
+    return left, right
 
 
 def _content(value: Any) -> Any:

@@ -58,7 +58,8 @@ class Worker:
         self.work_subject = names.work_subject(worker_id)
         self._consumer = PullConsumer(
             bus.nc, names.work_stream, names.worker_consumer(worker_id),
-            capacity=cfg.max_concurrency, handler=self._handle, on_drain=self._hand_back)
+            capacity=cfg.max_concurrency, handler=self._handle, on_drain=self._hand_back,
+            expires=1.0)  # short pulls: a draining worker waits at most this for them
         self._running: dict[str, Msg] = {}
         self._done = RecentIds()
         self._cancelled = RecentIds()

@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -38,7 +39,7 @@ from dynamo_bus.engines.base import Engine, EngineLoad, EngineOutput, EngineRequ
 from dynamo_bus.engines.block_pool import BlockPool
 from dynamo_bus.errors import InvalidRequest, Overloaded, PromptTooLong
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
-from dynamo_bus.messages import FinishReason, Fingerprint
+from dynamo_bus.messages import Fingerprint, FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +77,24 @@ def decode_ms(utilization: float) -> float:
     return max(1.0, -25.74 * u * u + 54.01 * u + 5.74)
 
 
+@dataclass(slots=True, eq=False)
 class _Req:
-    __slots__ = ("cached_tokens", "event", "finish", "hashes", "logprobs", "max_tokens",
-                 "num_computed", "num_in_pool", "num_output", "outputs", "pending",
-                 "pending_logprobs", "prefill_target", "request_id", "running",
-                 "stop_ids", "tokens")
-
-    def __init__(self, request_id: str, tokens: list[int], hashes: list[int],
-                 outputs: list[int], logprobs: list[float] | None,
-                 stop_ids: frozenset[int]) -> None:
-        self.request_id = request_id
-        self.tokens = tokens            # prompt + generated tokens that need KV
-        self.hashes = hashes            # sequence hashes of ``tokens`` at last hashing
-        self.outputs = outputs          # the token stream this request will emit
-        self.logprobs = logprobs
-        self.max_tokens = len(outputs)
-        self.stop_ids = stop_ids
-        self.num_computed = 0           # tokens whose KV is computed
-        self.num_in_pool = 0            # tokens with a block in the pool
-        self.prefill_target = 0         # len(tokens) at admission: the prefill part
-        self.num_output = 0
-        self.cached_tokens = 0
-        self.running = False
-        self.pending: list[int] = []
-        self.pending_logprobs: list[float] = []
-        self.finish: FinishReason | None = None
-        self.event = asyncio.Event()
+    request_id: str
+    tokens: list[int]            # prompt + generated tokens that need KV
+    hashes: list[int]            # sequence hashes of ``tokens`` when last hashed
+    outputs: list[int]           # the whole token stream this request will emit
+    logprobs: list[float] | None
+    stop_ids: frozenset[int]
+    num_computed: int = 0        # tokens whose KV is computed
+    num_in_pool: int = 0         # tokens holding a slot in the pool
+    prefill_target: int = 0      # len(tokens) at the last admission; 0 before the first
+    num_output: int = 0
+    cached_tokens: int = 0
+    running: bool = False
+    finish: FinishReason | None = None
+    pending: list[int] = field(default_factory=list)
+    pending_logprobs: list[float] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MockEngine(Engine):
@@ -186,7 +179,7 @@ class MockEngine(Engine):
                           active_blocks=pool.num_active if pool else 0,
                           total_blocks=self.num_blocks)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         req = self._accept(request)
         self._requests[req.request_id] = req
         self._waiting.append(req)
@@ -219,11 +212,9 @@ class MockEngine(Engine):
     # -- admission checks -------------------------------------------------------------
 
     def _accept(self, request: EngineRequest) -> _Req:
-        if self._closed is not None:
-            raise Overloaded(f"{self.name} engine is not serving: {self._closed}",
-                             code="engine_stopped")
-        if self._task is None:
-            raise Overloaded(f"{self.name} engine is not started", code="engine_stopped")
+        if self._closed is not None or self._task is None:
+            raise Overloaded(f"{self.name} engine is not serving: "
+                             f"{self._closed or 'not started'}", code="engine_stopped")
         rid, prompt, sampling = request.request_id, request.token_ids, request.sampling
         if rid in self._requests:
             raise InvalidRequest(f"request id {rid!r} is already running", param="request_id")
@@ -231,11 +222,8 @@ class MockEngine(Engine):
             raise InvalidRequest("the prompt is empty", param="prompt")
         if sampling.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-        try:
-            arr = np.asarray(prompt, dtype=np.int64)
-        except OverflowError:
-            arr = np.asarray([-1])
-        if int(arr.min()) < 0 or int(arr.max()) >= self.vocab_size:
+        arr = np.asarray(prompt)  # an object array if some id is beyond int64
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
             raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="prompt")
         total = len(prompt) + sampling.max_tokens
         if len(prompt) >= self._context_length or total > self._context_length:
@@ -279,14 +267,11 @@ class MockEngine(Engine):
     async def _run(self) -> None:
         try:
             while True:
-                if not self._waiting and not self._running:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
                 prefills, decodes = self._schedule()
                 if not prefills and not decodes:
-                    self._wakeup.clear()  # nothing can run until something changes
+                    self._wakeup.clear()  # nothing can run until a request or abort comes
                     await self._wakeup.wait()
+                    self._deadline = self.clock.now()  # idle time is not owed to anyone
                     continue
                 await self._spend(self._step_seconds(prefills, decodes))
                 self._complete(prefills, decodes)
@@ -297,7 +282,6 @@ class MockEngine(Engine):
                 self._finish(req, "error")
 
     def _schedule(self) -> tuple[list[tuple[_Req, int]], list[_Req]]:
-        pool = self._p
         budget = self.max_num_batched_tokens
         prefills: list[tuple[_Req, int]] = []
         decodes: list[_Req] = []
@@ -399,7 +383,7 @@ class MockEngine(Engine):
             req.pending_logprobs.append(req.logprobs[i])
         if token in req.stop_ids:
             self._finish(req, "stop")
-        elif req.num_output == req.max_tokens:
+        elif req.num_output == len(req.outputs):
             self._finish(req, "length")
         else:
             req.tokens.append(token)
