@@ -124,24 +124,28 @@ def group_pids(pgids: list[int]) -> list[int]:
 
 
 def stop(procs: list[Proc], grace_s: float = 10.0) -> list[str]:
-    """SIGTERM each process group we created (reverse start order), wait ``grace_s``,
+    """SIGTERM each process group we created (servers, then nats), wait ``grace_s``,
     then SIGKILL the groups and any descendant that left them (snapshotted first, by
     PID and start time, so a reused PID is never hit).  Returns notes on anything that
     needed force, for the report."""
     notes: list[str] = []
     table = _proc_table()
     family = {pid: table[pid][2] for pid in group_pids([p.pid for p in procs]) if pid in table}
-    t0 = time.monotonic()
-    for p in reversed(procs):
-        if p.alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGINT if p.name.startswith("nats") else signal.SIGTERM)
-    deadline = t0 + grace_s
-    for p in reversed(procs):
-        try:
-            p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            notes.append(f"{p.name} (pid {p.pid}) still running {grace_s:.0f}s after SIGTERM")
+    # servers first, the message bus they talk over last (so they can drain)
+    for phase in (
+        [p for p in procs if "nats" not in p.name],
+        [p for p in procs if "nats" in p.name],
+    ):
+        for p in reversed(phase):
+            if p.alive():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in reversed(phase):
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                notes.append(f"{p.name} (pid {p.pid}) still running {grace_s:.0f}s after SIGTERM")
     for p in procs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)

@@ -43,12 +43,17 @@ from dynamo_bus.messages import Fingerprint, FinishReason
 
 log = logging.getLogger(__name__)
 
-_MIN_SLEEP_S = 1e-3  # below this, owed time is carried to the next step, not slept
+_MIN_SLEEP_S = 1e-3  # asyncio cannot sleep less than this with any accuracy
 _MAX_LAG_S = 2e-3    # how much oversleep later steps may win back
 
 
 class Clock(Protocol):
-    """Where the engine reads and spends time; an offline simulator passes a virtual one."""
+    """Where the engine reads and spends time; an offline simulator passes a virtual one.
+
+    ``sleep`` always yields to the event loop, and may return early for a duration below
+    its resolution: the engine steps to deadlines read from ``now()``, so time not slept
+    now is slept at a later step.
+    """
 
     def now(self) -> float: ...
 
@@ -62,7 +67,9 @@ class AsyncioClock:
         return asyncio.get_running_loop().time()
 
     async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        # At high speedup a step lasts microseconds, far below timer resolution: yield
+        # only, and let the time owed build up to a sleep that can be accurate.
+        await asyncio.sleep(seconds if seconds >= _MIN_SLEEP_S else 0)
 
 
 def prefill_ms(new_tokens: int) -> float:
@@ -147,6 +154,8 @@ class MockEngine(Engine):
         return self._context_length
 
     async def start(self) -> None:
+        if self._closed is not None:
+            raise RuntimeError(f"a stopped engine cannot start again ({self._closed})")
         if self._task is not None:
             return
         self._pool = BlockPool(self.num_blocks, self.block_size)
@@ -349,16 +358,12 @@ class MockEngine(Engine):
         return ms / 1000.0 / self.speedup
 
     async def _spend(self, seconds: float) -> None:
-        # Sleep to a running deadline rather than per step: at high speedup a step lasts
-        # microseconds, far below timer resolution, so short steps are carried until a
-        # millisecond is owed, and an oversleep is won back by later steps.
+        # Step to a running deadline, not "sleep per step": scheduling overlaps the
+        # simulated compute as on a GPU, short steps add up until the clock can sleep
+        # them, and an oversleep is won back by the following steps.
         now = self.clock.now()
         self._deadline = max(self._deadline, now - _MAX_LAG_S) + seconds
-        delay = self._deadline - now
-        if delay >= _MIN_SLEEP_S:
-            await self.clock.sleep(delay)
-        else:
-            await asyncio.sleep(0)  # let readers and new requests in every step
+        await self.clock.sleep(max(self._deadline - now, 0.0))
 
     def _complete(self, prefills: list[tuple[_Req, int]], decodes: list[_Req]) -> None:
         pool = self._p

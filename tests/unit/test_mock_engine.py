@@ -279,6 +279,8 @@ async def test_stop_cancels_everything_and_is_idempotent(clock: FakeClock) -> No
     await eng.stop()
     with pytest.raises(Overloaded):
         await anext(eng.generate(req("late", prompt(5))))
+    with pytest.raises(RuntimeError):
+        await eng.start()
 
 
 async def test_requests_that_cannot_fit_are_refused(clock: FakeClock) -> None:

@@ -1,0 +1,214 @@
+"""Nothing lost: routers killed mid-load, workers drained by SIGTERM, clients that hang
+up, and messages delivered twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from dynamo_bus.bus import connect
+from dynamo_bus.messages import REQUEST, RESPONSE, Chunk, Request, SamplingOptions
+from dynamo_bus.subjects import Names
+from tests.conftest import FAST, cli_env
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def _flags(cfg_nats: str, model_path: str, **extra: object) -> list[str]:
+    settings = {**FAST, "nats_url": cfg_nats, "model": model_path, **extra}
+    out: list[str] = []
+    for k, v in settings.items():
+        out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+def _spawn(role: str, flags: list[str], log_path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "dynamo_bus.cli", role, *flags],
+                                stdout=log, stderr=subprocess.STDOUT, env=cli_env())
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+async def _chat(http: aiohttp.ClientSession, url: str, i: int, max_tokens: int = 32) -> tuple:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"req {i}"}],
+            "max_tokens": max_tokens, "stream": True, "seed": i}
+    async with http.post(url + "/chat/completions", json=body) as resp:
+        raw = await resp.read()
+    return resp.status, raw.rstrip().endswith(b"data: [DONE]"), b'"error"' in raw
+
+
+async def test_killing_a_router_replica_mid_load_loses_no_request(stack, model_dir, tmp_path):
+    s = await stack(workers=2, router=False, mock_speedup=20.0)
+    routers = [_spawn("router", _flags(s.nats_url, str(model_dir.path)), tmp_path / f"r{i}.log")
+               for i in range(2)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            # both replicas are up once a request gets through
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await _chat(http, s.base_url, -1, 1))[0] == 200:
+                        break
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)
+            tasks = [asyncio.create_task(_chat(http, s.base_url, i)) for i in range(120)]
+            await asyncio.sleep(0.3)
+            routers[0].send_signal(signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 90)
+    finally:
+        for r in routers:
+            _stop(r)
+    failed = [r for r in results if r != (200, True, False)]
+    assert failed == [], f"{len(failed)} of {len(results)} requests failed"
+
+
+async def test_sigterm_drains_a_worker_and_hands_back_queued_work(stack, model_dir, tmp_path):
+    # A slow worker in its own process, one request at a time; a second worker here.
+    s = await stack(workers=0)
+    proc = _spawn("worker", _flags(s.nats_url, str(model_dir.path), worker_id="slow",
+                                   max_concurrency=1, mock_speedup=0.05), tmp_path / "w.log")
+    try:
+        registry = s.roles.routers[0].registry
+        assert await registry.wait_for_worker(MODEL, timeout=30)
+        async with aiohttp.ClientSession() as http:
+            async def direct(i: int) -> tuple:
+                body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 24, "seed": i,
+                        "worker_id": "slow"}
+                async with http.post(s.base_url + "/completions", json=body) as resp:
+                    return resp.status, await resp.json()
+
+            tasks = [asyncio.create_task(direct(i)) for i in range(3)]
+            await asyncio.sleep(1.0)      # the first is generating, two are queued
+            await s.roles.add_workers(1)  # somewhere for handed-back work to go
+            proc.send_signal(signal.SIGTERM)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        _stop(proc)
+    assert [status for status, _ in results] == [200, 200, 200]
+    assert all(body["usage"]["completion_tokens"] == 24 for _, body in results)
+    log = (tmp_path / "w.log").read_text()
+    assert "handed back request" in log
+    assert registry.get("slow") is None
+
+
+async def test_client_disconnect_stops_the_worker(stack) -> None:
+    s = await stack(workers=1, mock_speedup=1.0)  # real-time mock: ~7 ms a token
+    worker = s.roles.workers[0]
+    body = {"model": MODEL, "prompt": "tell me everything", "max_tokens": 5000, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(s.base_url + "/completions", json=body)
+        got = 0
+        async for line in resp.content:
+            got += line.startswith(b"data:")
+            if got >= 3:
+                break
+        assert worker.engine.load().active_requests == 1
+        resp.close()  # the client hangs up mid-stream
+    for _ in range(100):
+        if worker.engine.load().active_requests == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.engine.load().active_requests == 0, "worker still generating"
+    assert not worker._running
+
+
+async def test_plain_nats_publisher_gets_the_token_stream(stack) -> None:
+    s = await stack(workers=1, frontend=False)
+    names = Names(s.cfg.namespace)
+    nc = await connect(s.nats_url, name="plain")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    req = {"request_id": "plain1", "model": MODEL, "token_ids": [1, 2, 3, 4, 5],
+           "reply_to": inbox, "sampling": {"max_tokens": 6}}
+    await nc.jetstream().publish(names.request_subject(MODEL), json.dumps(req).encode())
+    tokens: list[int] = []
+    while True:
+        msg = await sub.next_msg(timeout=10)
+        chunk = json.loads(msg.data)
+        assert chunk["type"] == "chunk"
+        tokens += chunk["token_ids"]
+        if chunk.get("finish_reason"):
+            break
+    await nc.close()
+    assert len(tokens) == 6
+    assert chunk["finish_reason"] == "length"
+    assert chunk["usage"]["prompt_tokens"] == 5
+
+
+async def test_a_redelivered_request_is_generated_once(stack) -> None:
+    s = await stack(workers=1, router=False, frontend=False, mock_speedup=50.0)
+    worker = s.roles.workers[0]
+    nc = await connect(s.nats_url, name="dup")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    req = Request(request_id="dup1", model=MODEL, token_ids=[5] * 40, reply_to=inbox,
+                  sampling=SamplingOptions(max_tokens=8))
+    js = nc.jetstream()
+    for attempt in range(2):  # the same request twice, as a redelivery would bring it
+        await js.publish(worker.work_subject, REQUEST.encode(req),
+                         headers={"Nats-Msg-Id": f"dup1:{attempt}"})
+    finishes, tokens = 0, 0
+    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+        while True:
+            msg = await sub.next_msg(timeout=1.5)
+            chunk = RESPONSE.decode(msg.data)
+            assert isinstance(chunk, Chunk)
+            tokens += len(chunk.token_ids)
+            finishes += chunk.finish_reason is not None
+    await nc.close()
+    assert (finishes, tokens) == (1, 8)
+
+
+async def test_second_start_reuses_streams_and_buckets(stack) -> None:
+    first = await stack(workers=1)
+    js = first.roles.workers[0].bus.js
+    names = Names(first.cfg.namespace)
+    before = await js.stream_info(names.request_stream)
+    second = await stack(workers=1)  # a second process against the same server
+    after = await js.stream_info(names.request_stream)
+    assert before.created == after.created
+    assert (await js.consumer_info(names.request_stream, names.router_consumer)).created
+    async with aiohttp.ClientSession() as http:
+        assert (await _chat(http, second.base_url, 1, 4))[:2] == (200, True)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpgid"), reason="POSIX only")
+def test_serve_starts_and_stops_cleanly(model_dir, tmp_path) -> None:
+    """`dynamo-bus serve` with its own nats-server answers, then exits 0 on SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo_bus.cli", "serve", "--http-port", "0", "--model",
+         str(model_dir.path), "--store-dir", str(tmp_path / "js"), "--mock-speedup", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env())
+    try:
+        assert proc.stdout is not None
+        port = None
+        for raw in proc.stdout:
+            line = raw.decode()
+            if "frontend serving" in line:
+                port = int(line.rsplit(":", 1)[1].split("/")[0])
+                break
+        assert port, "serve never came up"
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
