@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import types
 import typing
@@ -91,10 +92,15 @@ def _run_nats(port: int, store_dir: Path | None) -> int:
     from dynamo_bus.natsserver import EmbeddedNats
 
     server = EmbeddedNats(store_dir or default_cache_dir() / "nats", port=port)
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     url = server.start()
     print(url, flush=True)
     try:
-        return asyncio.run(server.wait())
+        return server.wait()
     except KeyboardInterrupt:
         return 0
     finally:

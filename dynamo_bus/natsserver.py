@@ -3,7 +3,6 @@ a child process with JetStream, bound to 127.0.0.1 on a free port."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -35,6 +34,16 @@ def find_binary() -> Path:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child: have the kernel stop the server if its parent dies (Linux), so a
+    killed ``serve`` never leaves an orphaned nats-server holding the store."""
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class EmbeddedNats:
     """A nats-server child process. ``start()`` returns once it accepts clients.
 
@@ -59,7 +68,8 @@ class EmbeddedNats:
                 "-js", "-sd", str(self.store_dir), "--ports_file_dir", self._ports_dir.name,
                 "-n", f"dynamo-bus-{os.getpid()}"]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self._proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        self._proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         if self.log_file:
             out.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
@@ -100,10 +110,10 @@ class EmbeddedNats:
             self._ports_dir.cleanup()
             self._ports_dir = None
 
-    async def wait(self) -> int:
-        """Wait for the server to exit (foreground ``dynamo-bus nats``)."""
+    def wait(self) -> int:
+        """Block until the server exits (foreground ``dynamo-bus nats``)."""
         assert self._proc is not None
-        return await asyncio.to_thread(self._proc.wait)
+        return self._proc.wait()
 
     def __enter__(self) -> EmbeddedNats:
         self.start()

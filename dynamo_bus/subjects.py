@@ -115,7 +115,7 @@ class Names:
         """Every name with a placeholder for its variable parts (what subjects.md lists)."""
         return {
             "request_stream": self.request_stream,
-            "request_subject": self.request_subject("<model>"),
+            "request_subject": f"dyn.{self._ns}.req.<model>",
             "router_consumer": self.router_consumer,
             "work_stream": self.work_stream,
             "work_subject": self.work_subject("W").replace(".W", ".<worker_id>"),

@@ -21,7 +21,7 @@ Lifecycle, in order:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 
@@ -68,7 +68,7 @@ class Engine(abc.ABC):
     async def start(self) -> None: ...
 
     @abc.abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]: ...
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...

@@ -1,0 +1,1 @@
+"""Thin per-role entrypoints; the roles themselves live in ``dynamo_bus``."""
