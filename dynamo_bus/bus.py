@@ -18,6 +18,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from dynamo_bus.config import Config
+from dynamo_bus.errors import NoWorker
 from dynamo_bus.subjects import Names
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,29 @@ async def _ensure_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None
 async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyValue:
     try:
         kv = await js.key_value(bucket)
-        status = await kv.status()
-        if status.ttl is not None and abs(status.ttl - ttl) < 1e-3:
-            return kv
     except BucketNotFoundError:
-        pass
-    # limit markers: watchers hear about a key whose TTL ran out, not only deletes.
-    return await js.create_key_value(bucket=bucket, ttl=ttl, history=1,
-                                     limit_marker_ttl=max(ttl, 1.0),
-                                     storage=js_api.StorageType.MEMORY)
+        # limit markers: watchers hear about a key whose TTL ran out, not only deletes.
+        return await js.create_key_value(bucket=bucket, ttl=ttl, history=1,
+                                         limit_marker_ttl=max(ttl, 1.0),
+                                         storage=js_api.StorageType.MEMORY)
+    status = await kv.status()
+    if status.ttl is None or abs(status.ttl - ttl) > 1e-3:
+        info = await js.stream_info(f"KV_{bucket}")
+        info.config.max_age = ttl
+        await js.update_stream(info.config)
+        log.info("bucket %s: ttl now %.1fs", bucket, ttl)
+    return kv
+
+
+async def find_buckets(js: JetStreamContext, names: Names) -> tuple[KeyValue, KeyValue]:
+    """The registry buckets of a running deployment, for clients that must not change
+    its topology."""
+    try:
+        return await js.key_value(names.workers_bucket), await js.key_value(names.load_bucket)
+    except BucketNotFoundError as exc:
+        raise NoWorker(f"no dynamo-bus deployment in namespace {names.namespace!r} on this "
+                       "NATS server (bucket missing); start one with `dynamo-bus serve` or "
+                       "`dynamo-bus worker`") from exc
 
 
 async def ensure_topology(js: JetStreamContext, names: Names, cfg: Config) -> tuple[KeyValue, KeyValue]:
@@ -120,9 +135,17 @@ async def ensure_consumer(js: JetStreamContext, stream: str,
         await js.add_consumer(stream, cfg)
 
 
-async def open_bus(cfg: Config, url: str, *, name: str) -> Bus:
+async def open_bus(cfg: Config, url: str, *, name: str, ensure: bool = True) -> Bus:
+    """Connect; with ``ensure`` create or update the topology, else only find it."""
     names = Names(cfg.namespace)
     nc = await connect(url, name=name)
     js = nc.jetstream(timeout=10)
-    workers_kv, load_kv = await ensure_topology(js, names, cfg)
+    try:
+        if ensure:
+            workers_kv, load_kv = await ensure_topology(js, names, cfg)
+        else:
+            workers_kv, load_kv = await find_buckets(js, names)
+    except BaseException:
+        await nc.close()
+        raise
     return Bus(nc=nc, js=js, names=names, workers_kv=workers_kv, load_kv=load_kv)

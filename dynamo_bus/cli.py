@@ -107,6 +107,17 @@ def _run_nats(port: int, store_dir: Path | None) -> int:
         server.stop()
 
 
+def run_loop(main: typing.Coroutine[typing.Any, typing.Any, None]) -> None:
+    """Run on uvloop where it is installed (Linux, macOS): the bus is I/O bound and
+    uvloop's event loop spends far less time per message than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from dynamo_bus.roles import run
 
-        asyncio.run(run(cfg, args.command))
+        run_loop(run(cfg, args.command))
         return 0
     except ConfigError as exc:
         print(f"dynamo-bus: error: {exc.message}", file=sys.stderr)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
@@ -35,7 +36,10 @@ class TokenStream:
         self.worker_id = ""
         self.finished = False
         self._requester = requester
-        self._queue: asyncio.Queue[Response] = asyncio.Queue()
+        # A deque and an event rather than an asyncio.Queue: the reader takes
+        # everything waiting at once (see ``_take``).
+        self._pending: deque[Response] = deque()
+        self._ready = asyncio.Event()
         self._next_index = 0
         self._deadline = asyncio.get_running_loop().time() + timeout
 
@@ -44,40 +48,61 @@ class TokenStream:
         return self.request.request_id
 
     def _push(self, resp: Response) -> None:
-        self._queue.put_nowait(resp)
+        self._pending.append(resp)
+        self._ready.set()
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[Chunk]:
-        loop = asyncio.get_running_loop()
         try:
-            while not self.finished:
-                remaining = self._deadline - loop.time()
-                try:
-                    resp = await asyncio.wait_for(self._queue.get(), max(remaining, 0))
-                except TimeoutError:
-                    await self.cancel("timed out")
-                    raise RequestTimeout("request timed out") from None
-                if isinstance(resp, Error):
-                    self.finished = True
-                    raise from_status(resp.status, resp.message, code=resp.code,
-                                      param=resp.param)
-                if resp.worker_id:
-                    self.worker_id = resp.worker_id
-                # Drop what was already seen (a redelivered request starts over at 0).
-                skip = self._next_index - resp.index
-                if skip > 0:
-                    if skip >= len(resp.token_ids) and resp.finish_reason is None:
-                        continue
-                    resp.token_ids = resp.token_ids[skip:]
-                    resp.index = self._next_index
-                self._next_index = resp.index + len(resp.token_ids)
-                if resp.finish_reason is not None:
-                    self.finished = True
-                yield resp
+            async with asyncio.timeout_at(self._deadline):
+                while not self.finished:
+                    while not self._pending:
+                        self._ready.clear()
+                        await self._ready.wait()
+                    resp = self._take()
+                    if isinstance(resp, Error):
+                        self.finished = True
+                        raise from_status(resp.status, resp.message, code=resp.code,
+                                          param=resp.param)
+                    if resp.worker_id:
+                        self.worker_id = resp.worker_id
+                    # Drop what was already seen (a redelivered request starts over at 0).
+                    skip = self._next_index - resp.index
+                    if skip > 0:
+                        if skip >= len(resp.token_ids) and resp.finish_reason is None:
+                            continue
+                        resp.token_ids = resp.token_ids[skip:]
+                        resp.index = self._next_index
+                    self._next_index = resp.index + len(resp.token_ids)
+                    if resp.finish_reason is not None:
+                        self.finished = True
+                    yield resp
+        except TimeoutError:
+            await self.cancel("timed out")
+            raise RequestTimeout("request timed out") from None
         finally:
             self._requester._forget(self.request_id)
+
+    def _take(self) -> Response:
+        """The next response, with the chunks already waiting behind it folded in: a
+        reader that falls behind gets fewer, larger chunks instead of a backlog, and
+        pays the per-chunk costs (detokenizing, JSON, a socket write) once."""
+        resp = self._pending.popleft()
+        if not isinstance(resp, Chunk):
+            return resp
+        while self._pending and resp.finish_reason is None:
+            nxt = self._pending[0]
+            if not isinstance(nxt, Chunk) or nxt.index != resp.index + len(resp.token_ids):
+                break
+            self._pending.popleft()
+            resp.token_ids = resp.token_ids + nxt.token_ids
+            resp.finish_reason, resp.usage = nxt.finish_reason, nxt.usage
+            resp.worker_id = resp.worker_id or nxt.worker_id
+            if resp.logprobs is not None and nxt.logprobs is not None:
+                resp.logprobs = resp.logprobs + nxt.logprobs
+        return resp
 
     async def cancel(self, reason: str = "client disconnected") -> None:
         """Stop the request wherever it is. Safe to call more than once."""
