@@ -220,7 +220,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> st
     ]
     for name, r in results.items():
         lines.append(f"| {name} | {r['median_us']:.0f} | {r['p99_us']:.0f} | "
-                     f"{r['median_us'] / base:.2f}× |")
+                     f"{r['median_us'] / base:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

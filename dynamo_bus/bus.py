@@ -95,7 +95,8 @@ async def find_buckets(js: JetStreamContext, names: Names) -> tuple[KeyValue, Ke
                        "`dynamo-bus worker`") from exc
 
 
-async def ensure_topology(js: JetStreamContext, names: Names, cfg: Config) -> tuple[KeyValue, KeyValue]:
+async def ensure_topology(js: JetStreamContext, names: Names,
+                          cfg: Config) -> tuple[KeyValue, KeyValue]:
     """Create (or find) the request log, the work queues, the router consumer and the
     registry buckets. Returns the workers and load buckets."""
     await _ensure_stream(js, js_api.StreamConfig(

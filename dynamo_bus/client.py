@@ -16,8 +16,8 @@ tokenizes itself, so it needs the model directory (``model_dir=``, default SmolL
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -58,13 +58,13 @@ def _wrap(v: Any) -> Any:
     return v
 
 
-class _Transport:
+class _Transport(Protocol):
     async def create(self, kind: str, body: dict[str, Any]) -> Any: ...
     async def list_models(self) -> list[str]: ...
     async def close(self) -> None: ...
 
 
-class _Http(_Transport):
+class _Http:
     def __init__(self, base_url: str, api_key: str | None, timeout: float) -> None:
         self.base = base_url.rstrip("/")
         if not self.base.endswith("/v1"):
@@ -121,7 +121,7 @@ class _Http(_Transport):
         await self.session.close()
 
 
-class _Nats(_Transport):
+class _Nats:
     """Runs the frontend's service in-process on a NATS connection."""
 
     def __init__(self, url: str, model_dir: str | None, namespace: str, timeout: float):
@@ -210,14 +210,14 @@ class DynamoClient:
     def __init__(self, url: str, *, model_dir: str | None = None, namespace: str = "dynamo",
                  api_key: str | None = None, timeout: float = 600.0) -> None:
         self.url = url
+        self._make: Callable[[], _Transport]
         if url.startswith(("http://", "https://")):
-            self._t: _Transport | None = None
             self._make = lambda: _Http(url, api_key, timeout)
         elif url.startswith(("nats://", "tls://")):
             self._make = lambda: _Nats(url, model_dir, namespace, timeout)
         else:
             raise ValueError(f"url must start with http://, https:// or nats://, got {url!r}")
-        self._t = None
+        self._t: _Transport | None = None
         self.chat = _Chat(self)
         self.completions = _Completions(self, "completion")
         self.models = _Models(self)

@@ -54,6 +54,7 @@ class PullConsumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._empty = asyncio.Event()  # a no_wait pull found nothing
+        self._pull_ended = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
@@ -91,6 +92,7 @@ class PullConsumer:
         assert msg.headers is not None
         if status == "100":  # idle heartbeat
             return
+        self._pull_ended.set()
         if status == "404":
             self._empty.set()
         pending = msg.headers.get("Nats-Pending-Messages")
@@ -142,7 +144,9 @@ class PullConsumer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._expires_ns / 1e9 + timeout
         while self._credits > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+            self._pull_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pull_ended.wait(), deadline - loop.time())
         self._credits = 0
         while loop.time() < deadline and not self._nc.is_closed:
             self._empty.clear()

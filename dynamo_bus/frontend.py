@@ -163,5 +163,6 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     server = site._server
-    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+    sockets = getattr(server, "sockets", None)
+    bound = sockets[0].getsockname()[1] if sockets else port
     return runner, bound

@@ -177,13 +177,14 @@ class Codec(Generic[T]):
         version = getattr(obj, "v", SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
             raise ProtocolError(
-                f"{self._name} has schema version {version}; this build reads up to {SCHEMA_VERSION}"
+                f"{self._name} has schema version {version}; "
+                f"this build reads up to {SCHEMA_VERSION}"
             )
         return obj
 
 
-REQUEST = Codec(Request)
+REQUEST: Codec[Request] = Codec(Request)
 RESPONSE: Codec[Response] = Codec(Response)
-CANCEL = Codec(Cancel)
-REGISTRATION = Codec(Registration)
-LOAD = Codec(Load)
+CANCEL: Codec[Cancel] = Codec(Cancel)
+REGISTRATION: Codec[Registration] = Codec(Registration)
+LOAD: Codec[Load] = Codec(Load)

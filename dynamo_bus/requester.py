@@ -17,12 +17,28 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from dynamo_bus.bus import Bus
-from dynamo_bus.errors import (DynamoBusError, NoWorker, Overloaded, ProtocolError,
-                               RequestTimeout, from_status)
-from dynamo_bus.messages import (CANCEL, REQUEST, RESPONSE, Cancel, Chunk, Error, Request,
-                                 Response, now_ns)
+from dynamo_bus.errors import (
+    DynamoBusError,
+    NoWorker,
+    Overloaded,
+    ProtocolError,
+    RequestTimeout,
+    from_status,
+)
+from dynamo_bus.messages import (
+    CANCEL,
+    REQUEST,
+    RESPONSE,
+    Cancel,
+    Chunk,
+    Error,
+    Request,
+    Response,
+    now_ns,
+)
 from dynamo_bus.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -120,7 +136,7 @@ class Requester:
         self.max_inflight = max_inflight
         self.timeout = timeout
         self._streams: dict[str, TokenStream] = {}
-        self._sub = None
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
         names = self.bus.names

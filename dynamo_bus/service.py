@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from dynamo_bus.errors import InvalidRequest, ModelNotFound, PromptTooLong
 from dynamo_bus.messages import Request, Usage
 from dynamo_bus.modeldir import ModelDir
-from dynamo_bus.openai_api import (ParsedRequest, chunk_body, full_body, usage_chunk_body)
+from dynamo_bus.openai_api import ParsedRequest, chunk_body, full_body, usage_chunk_body
 from dynamo_bus.requester import Requester, TokenStream, new_request_id
 from dynamo_bus.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -136,7 +136,7 @@ class CompletionService:
             await stream.cancel()
 
     async def stream_chunks(self, p: ParsedRequest, stream: TokenStream
-                            ) -> AsyncIterator[dict[str, Any]]:
+                            ) -> AsyncGenerator[dict[str, Any], None]:
         """OpenAI ``chat.completion.chunk`` / ``text_completion`` bodies."""
         rid = ("chatcmpl-" if p.kind == "chat" else "cmpl-") + stream.request_id
         created = int(time.time())

@@ -6,9 +6,23 @@ import msgspec
 import pytest
 
 from dynamo_bus.errors import ProtocolError
-from dynamo_bus.messages import (CANCEL, LOAD, REGISTRATION, REQUEST, RESPONSE, Cancel, Chunk,
-                                 Error, Fingerprint, Load, Registration, Request, RoutingHints,
-                                 SamplingOptions, Usage)
+from dynamo_bus.messages import (
+    CANCEL,
+    LOAD,
+    REGISTRATION,
+    REQUEST,
+    RESPONSE,
+    Cancel,
+    Chunk,
+    Error,
+    Fingerprint,
+    Load,
+    Registration,
+    Request,
+    RoutingHints,
+    SamplingOptions,
+    Usage,
+)
 
 SAMPLES = [
     (REQUEST, Request(request_id="r1", model="m", token_ids=[1, 2, 3], reply_to="inbox",
