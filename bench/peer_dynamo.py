@@ -274,8 +274,13 @@ def start_nats(run_dir: Path, name: str = "nats") -> tuple[Proc, int]:
     port = free_port()
     store = run_dir / f"{name}-store"
     store.mkdir(parents=True, exist_ok=True)
+    # The same nats-server binary and Go scheduler setting dynamo-bus's embedded server
+    # uses (see dynamo_bus/natsserver.py), so both systems get the same broker.
+    from dynamo_bus.natsserver import server_env
+
     p = spawn(
-        name, [str(NATS_SERVER), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store)], run_dir
+        name, [str(NATS_SERVER), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store)],
+        run_dir, env=server_env(),
     )
     return p, port
 

@@ -40,7 +40,7 @@ SYSTEMS = ("dynamo", "bus-serve", "bus-multi")
 LABELS = {
     "dynamo": "NVIDIA Dynamo 1.6.1 (frontend + mocker, router kv)",
     "bus-serve": "dynamo-bus `serve` (all-in-one)",
-    "bus-multi": "dynamo-bus multi-process (nats + 4 workers + router + frontend)",
+    "bus-multi": "dynamo-bus multi-process (nats, workers, router, frontend: 4 processes)",
 }
 
 
@@ -112,8 +112,8 @@ async def start_system(
                                                "--store-dir", str(run_dir / "nats-store")],
                                   run_dir, env))  # fmt: skip
             await pd.wait_tcp(pd.LOOPBACK, nport, 30, procs)
-            for i in range(a.workers):
-                role(f"bus-worker{i}", "worker", *mock, *nats)
+            # One process runs all the workers, as Dynamo's mocker does (--num-workers).
+            role("bus-workers", "worker", *mock, "--workers", str(a.workers), *nats)
             role("bus-router", "router", *nats)
             role("bus-frontend", "frontend", "--model", str(a.model_dir), *nats, *http)
         else:

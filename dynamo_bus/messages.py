@@ -68,6 +68,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     priority: int = 0
     created_ns: int = 0
     v: int = 1
+    # False: the requester wants only the whole answer, so the worker sends one chunk
+    # when it starts (naming itself) and one when it finishes, not one per step.
+    stream: bool = True
 
 
 class Usage(msgspec.Struct, omit_defaults=True):

@@ -97,8 +97,10 @@ class CompletionService:
         if not sampling.ignore_eos:
             sampling.stop_token_ids = sorted(set(sampling.stop_token_ids)
                                              | set(self.model_dir.eos_token_ids))
+        # A unary request without stop strings needs no token until the end.
         return Request(request_id=new_request_id(), model=self.model, token_ids=token_ids,
-                       reply_to="", sampling=sampling, routing=p.routing, priority=p.priority)
+                       reply_to="", sampling=sampling, routing=p.routing, priority=p.priority,
+                       stream=p.stream or bool(p.stop))
 
     async def submit(self, p: ParsedRequest) -> TokenStream:
         return await self.requester.submit(await self.prepare(p))

@@ -194,14 +194,28 @@ class Worker:
         nc, rid, index, cached = self.bus.nc, req.request_id, 0, 0
         ereq = EngineRequest(request_id=rid, token_ids=req.token_ids, sampling=req.sampling)
         gen = self.engine.generate(ereq)
+        held: list[int] = []  # tokens not sent yet (a non-streaming request)
+        held_lp: list[float] = []
+        if not req.stream:  # tell the requester who runs it, so it notices our death
+            await nc.publish(req.reply_to, RESPONSE.encode(
+                Chunk(request_id=rid, index=0, token_ids=[], worker_id=self.worker_id)))
         try:
             async for out in gen:
-                chunk = Chunk(request_id=rid, index=index, token_ids=out.token_ids,
-                              finish_reason=out.finish_reason, logprobs=out.logprobs)
+                if index == 0 and not held:
+                    cached = out.cached_tokens
+                if not req.stream and out.finish_reason is None:
+                    held += out.token_ids
+                    held_lp += out.logprobs or []
+                    continue
+                token_ids, logprobs = out.token_ids, out.logprobs
+                if held:
+                    token_ids, held = held + token_ids, []
+                    logprobs, held_lp = (held_lp + (logprobs or [])) or None, []
+                chunk = Chunk(request_id=rid, index=index, token_ids=token_ids,
+                              finish_reason=out.finish_reason, logprobs=logprobs)
                 if index == 0:
                     chunk.worker_id = self.worker_id
-                    cached = out.cached_tokens
-                index += len(out.token_ids)
+                index += len(token_ids)
                 if out.finish_reason is not None:
                     chunk.usage = Usage(prompt_tokens=len(req.token_ids),
                                         completion_tokens=index, cached_tokens=cached)
