@@ -123,9 +123,13 @@ class Registry:
 
     async def wait_for_worker(self, model: str | None = None, timeout: float = 30.0) -> bool:
         """Wait until at least one live worker serves ``model``."""
+        return await self.wait_until(lambda: bool(self.workers(model)), timeout)
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``condition()`` holds, re-checked on every registration change."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self.workers(model):
+        while not condition():
             self._changed.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:

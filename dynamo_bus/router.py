@@ -13,6 +13,7 @@ buckets (see ``registry.py``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -26,9 +27,11 @@ from dynamo_bus.bus import Bus
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
 from dynamo_bus.errors import ProtocolError
+from dynamo_bus.handback import hand_back
 from dynamo_bus.messages import CANCEL, REQUEST, RESPONSE, Error, Registration, Request
 from dynamo_bus.recent import RecentIds
 from dynamo_bus.registry import Registry
+from dynamo_bus.worker import WORK_ACK_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class Router:
         self._consumer = PullConsumer(bus.nc, names.request_stream, names.router_consumer,
                                       capacity=cfg.router_max_inflight, handler=self._handle)
         self._cancelled = RecentIds()
+        self._sweeps: dict[str, asyncio.Task[None]] = {}
         self.routed = 0
 
     async def start(self) -> None:
@@ -107,16 +111,51 @@ class Router:
             await self.registry.start()
         self._cancel_sub = await self.bus.nc.subscribe(self.bus.names.cancel_subject,
                                                        cb=self._on_cancel)
+        self.registry.on_removed.append(self._on_worker_removed)
         await self._consumer.start()
         log.info("router up (default strategy %s)", self.policy.default)
 
     async def stop(self) -> None:
+        for task in self._sweeps.values():
+            task.cancel()
+        await asyncio.gather(*self._sweeps.values(), return_exceptions=True)
         self._consumer.stop_fetching()
         await self._consumer.close(timeout=5.0)
         with contextlib.suppress(Exception):
             await self._cancel_sub.unsubscribe()
         if self._own_registry:
             await self.registry.stop()
+
+    def _on_worker_removed(self, worker_id: str) -> None:
+        if worker_id not in self._sweeps:
+            task = asyncio.create_task(self._sweep(worker_id))
+            self._sweeps[worker_id] = task
+            task.add_done_callback(lambda _: self._sweeps.pop(worker_id, None))
+
+    async def _sweep(self, worker_id: str) -> None:
+        """A worker vanished (no heartbeat): send what waits in its queue elsewhere.
+
+        Runs past the work queue's ack wait, so requests the worker took but never
+        finished come back and are swept too; then removes the worker's consumer. A
+        worker that reappears keeps its queue."""
+        names = self.bus.names
+        sweeper = PullConsumer(
+            self.bus.nc, names.work_stream, names.worker_consumer(worker_id), capacity=64,
+            handler=lambda msg: hand_back(self.bus, msg, worker_id), expires=1.0)
+        try:
+            await sweeper.start()
+        except Exception as exc:  # no such consumer: nothing to sweep
+            log.debug("no queue to sweep for %s: %s", worker_id, exc)
+            return
+        try:
+            back = await self.registry.wait_until(lambda: self.registry.get(worker_id) is not None,
+                                                  timeout=WORK_ACK_WAIT + 2.0)
+        finally:
+            await sweeper.close(timeout=2.0)
+        if not back:
+            with contextlib.suppress(Exception):
+                await self.bus.js.delete_consumer(names.work_stream,
+                                                  names.worker_consumer(worker_id))
 
     async def _on_cancel(self, msg: Msg) -> None:
         with contextlib.suppress(ProtocolError):

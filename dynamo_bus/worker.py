@@ -26,6 +26,7 @@ from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
 from dynamo_bus.engines.base import Engine, EngineRequest
 from dynamo_bus.errors import DynamoBusError, ProtocolError
+from dynamo_bus.handback import hand_back
 from dynamo_bus.messages import (
     CANCEL,
     LOAD,
@@ -246,18 +247,4 @@ class Worker:
 
     async def _hand_back(self, msg: Msg) -> None:
         """A request that reached us while draining: give it back to the routers."""
-        try:
-            req = REQUEST.decode(msg.data)
-        except ProtocolError:
-            await msg.term()
-            return
-        if self.worker_id not in req.routing.exclude_workers:
-            req.routing.exclude_workers.append(self.worker_id)
-        if req.routing.worker_id == self.worker_id:
-            req.routing.worker_id = None
-        seq = msg.metadata.sequence.stream
-        await self.bus.js.publish(
-            self.bus.names.request_subject(req.model), REQUEST.encode(req),
-            headers={"Nats-Msg-Id": f"{req.request_id}:handback:{self.worker_id}:{seq}"})
-        await msg.ack()
-        log.info("handed back request %s", req.request_id)
+        await hand_back(self.bus, msg, self.worker_id)

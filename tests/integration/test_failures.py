@@ -212,3 +212,30 @@ def test_serve_starts_and_stops_cleanly(model_dir, tmp_path) -> None:
         _stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def test_a_killed_workers_queue_is_sent_elsewhere(stack, model_dir, tmp_path) -> None:
+    """SIGKILL, no drain: what it was generating fails fast with a 503 (not a hang until
+    the timeout); what waited in its queue is routed to another worker and completes."""
+    s = await stack(workers=0)
+    proc = _spawn("worker", _flags(s.nats_url, str(model_dir.path), worker_id="doomed",
+                                   max_concurrency=1, mock_speedup=0.05), tmp_path / "w.log")
+    try:
+        registry = s.roles.routers[0].registry
+        assert await registry.wait_for_worker(MODEL, timeout=30)
+        async with aiohttp.ClientSession() as http:
+            async def direct(i: int) -> int:
+                body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 24,
+                        "worker_id": "doomed"}
+                async with http.post(s.base_url + "/completions", json=body) as resp:
+                    await resp.read()
+                    return resp.status
+
+            tasks = [asyncio.create_task(direct(i)) for i in range(3)]
+            await asyncio.sleep(1.0)
+            await s.roles.add_workers(1)
+            proc.send_signal(signal.SIGKILL)
+            statuses = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        _stop(proc)
+    assert sorted(statuses) == [200, 200, 503]
