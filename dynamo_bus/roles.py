@@ -76,13 +76,16 @@ class Roles:
     async def add_workers(self, count: int) -> list[Worker]:
         model = self.model()
         new = []
+        # The workers of one process share a connection: publishes from all of them go
+        # out in the same socket writes.
+        bus = await self._bus("workers") if count else None
         for i in range(count):
             base = self.cfg.worker_id or f"{self.cfg.engine}-{uuid.uuid4().hex[:8]}"
             wid = validate_worker_id(base if count == 1 else f"{base}-{i}")
             engine = make_engine(self.cfg, model, self.model_name)
             await engine.start()
-            worker = Worker(await self._bus(f"worker {wid}"), engine, self.cfg,
-                            worker_id=wid, model=self.model_name)
+            assert bus is not None
+            worker = Worker(bus, engine, self.cfg, worker_id=wid, model=self.model_name)
             await worker.start()
 
             async def _stop(worker: Worker = worker) -> None:
