@@ -128,6 +128,7 @@ class ReqResult:
     out_tokens: int = 0
     error: str | None = None
     prompt_tokens: int | None = None  # as the server counted them (usage)
+    content_events: int = 0  # SSE events carrying text (streaming): how finely it streamed
 
 
 @dataclass
@@ -152,6 +153,7 @@ class LoadResult:
     other_cpu_cores: float | None = None  # machine busy - server - loadgen (noise)
     mean_prompt_tokens: float | None = None  # server-reported usage.prompt_tokens
     usage_reported: int = 0  # requests whose response carried usage
+    mean_content_events: float | None = None  # SSE events with text per request (stream)
     error_samples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -232,6 +234,7 @@ async def _one(
                 ttft,
                 usage_tokens if usage_tokens is not None else chunks,
                 prompt_tokens=prompt_tokens,
+                content_events=chunks,
             )
     except asyncio.CancelledError:
         raise
@@ -353,6 +356,8 @@ async def run_load(
         else None,
         mean_prompt_tokens=statistics.fmean(pts) if pts else None,
         usage_reported=len(pts),
+        mean_content_events=statistics.fmean([r.content_events for r in ok])
+        if ok and stream else None,
     )
 
 

@@ -226,8 +226,9 @@ def summarize(runs: list[dict], a: argparse.Namespace) -> list[dict]:
                 "other_cpu_cores",
                 "mean_out_tokens",
                 "mean_prompt_tokens",
+                "mean_content_events",
             ):
-                row[k] = _med([x[k] for x in rs])
+                row[k] = _med([x.get(k) for x in rs])
             row["req_per_s_all"] = [round(x["req_per_s"], 1) for x in rs]
             rows.append(row)
     return rows
@@ -308,16 +309,17 @@ def write_report(
         f"(each system started fresh per round, one system at a time, order rotated).",
         "",
         "| system | mode | conc | req/s | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | "
-        "E2E p99 ms | out tok/s | errors | loadgen CPU (cores) | server CPU (cores) | "
-        "other CPU (cores) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "E2E p99 ms | out tok/s | text events / req | errors | loadgen CPU (cores) | "
+        "server CPU (cores) | other CPU (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         L.append(
             f"| {r['system']} | {'stream' if r['stream'] else 'unary'} | "
             f"{r['concurrency']} | {_f(r['req_per_s'])} | {_f(r['ttft_p50_ms'])} | "
             f"{_f(r['ttft_p99_ms'])} | {_f(r['e2e_p50_ms'])} | {_f(r['e2e_p99_ms'])} | "
-            f"{_f(r['out_tok_per_s'], 0)} | {r['errors']} | "
+            f"{_f(r['out_tok_per_s'], 0)} | {_f(r.get('mean_content_events'))} | "
+            f"{r['errors']} | "
             f"{_f(r['loadgen_cpu_cores'], 2)} | {_f(r['server_cpu_cores'], 2)} | "
             f"{_f(r['other_cpu_cores'], 2)} |"
         )

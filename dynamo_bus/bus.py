@@ -7,6 +7,7 @@ update them only where the configuration in this code changed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -37,9 +38,15 @@ class Bus:
     workers_kv: KeyValue
     load_kv: KeyValue
 
-    async def close(self) -> None:
-        if not self.nc.is_closed:
-            await self.nc.drain()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain (deliver what is buffered), bounded: with the server gone a drain
+        would wait for a reconnect that may never come."""
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout)
+        except Exception:
+            await self.nc.close()
 
 
 async def connect(url: str, *, name: str) -> NATS:
@@ -49,6 +56,7 @@ async def connect(url: str, *, name: str) -> NATS:
     return await nats.connect(
         url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         error_cb=_error_cb, pending_size=64 * 1024 * 1024, flush_timeout=10,
+        drain_timeout=5,
     )
 
 

@@ -41,6 +41,8 @@ _HELP = {
     "engine": "engine of the workers: mock",
     "worker_id": "worker id (default: engine name + random suffix)",
     "workers": "number of workers this process runs",
+    "frontend_process": "serve: run the HTTP frontend in a child process of its own, so "
+                        "it and the workers each get a core (true/false)",
     "max_concurrency": "requests one worker runs at once",
     "heartbeat_interval": "seconds between worker heartbeats",
     "worker_ttl": "seconds after the last heartbeat a worker counts as gone",
@@ -52,10 +54,21 @@ _HELP = {
 }
 
 
-def _arg_type(tp: object) -> type:
-    """The scalar type of a Config field annotation (``int | None`` -> int)."""
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _arg_type(tp: object) -> typing.Callable[[str], object]:
+    """The parser of a Config field annotation (``int | None`` -> int)."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        return _bool
     return tp if isinstance(tp, type) else str
 
 

@@ -39,6 +39,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     engine: str = "mock"
     worker_id: str | None = None
     workers: int = 1                     # aggregated workers started by `serve`
+    frontend_process: bool = True        # serve: HTTP frontend in a child process
     max_concurrency: int = 64            # requests one worker runs at once
     heartbeat_interval: float = 1.0
     worker_ttl: float = 5.0              # registration expires this long after a heartbeat
@@ -57,6 +58,16 @@ def env_name(field: str) -> str:
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def to_env(cfg: Config) -> dict[str, str]:
+    """The settings as ``DYNAMO_BUS_*`` variables: how a process passes its resolved
+    configuration to a child it starts."""
+    env = {}
+    for name, value in msgspec.structs.asdict(cfg).items():
+        if value is not None:
+            env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
 
 
 def resolve(cli: dict[str, Any], *, config_file: str | None = None,

@@ -45,9 +45,9 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child: have the kernel stop the server if its parent dies (Linux), so a
-    killed ``serve`` never leaves an orphaned nats-server holding the store."""
+def die_with_parent() -> None:
+    """In a child (``preexec_fn``): have the kernel stop it if its parent dies (Linux),
+    so a killed ``serve`` never leaves an orphaned nats-server or frontend behind."""
     if sys.platform == "linux":
         import ctypes
 
@@ -80,7 +80,7 @@ class EmbeddedNats:
                 "-n", f"dynamo-bus-{os.getpid()}"]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self._proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True,
-                                      preexec_fn=_die_with_parent, env=server_env())
+                                      preexec_fn=die_with_parent, env=server_env())
         if self.log_file:
             out.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout

@@ -15,16 +15,19 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from dynamo_bus.bus import Bus, open_bus
-from dynamo_bus.config import Config
+from dynamo_bus.config import Config, env_name, to_env
 from dynamo_bus.engines import make_engine
+from dynamo_bus.errors import ConfigError
 from dynamo_bus.frontend import make_app, start_http
 from dynamo_bus.modeldir import ModelDir, default_cache_dir, resolve_model
-from dynamo_bus.natsserver import EmbeddedNats
+from dynamo_bus.natsserver import EmbeddedNats, die_with_parent
 from dynamo_bus.registry import Registry
 from dynamo_bus.requester import Requester
 from dynamo_bus.router import Router
@@ -51,6 +54,8 @@ class Roles:
         self._buses: list[Bus] = []
         self._stops: list[tuple[int, Stop]] = []  # (order, stop): lower stops first
         self._model: ModelDir | None = None
+        self.failed = asyncio.Event()  # a child process this one depends on died
+        self._children: list[asyncio.Task[None]] = []
 
     # -- pieces ------------------------------------------------------------------
     def start_embedded_nats(self, store_dir: Path | None = None) -> str:
@@ -128,6 +133,54 @@ class Roles:
         self._stops.append((0, _stop))
         return self.http_port
 
+    async def spawn_frontend(self) -> int:
+        """Run the frontend in a child process against this process's NATS (``serve``
+        with ``frontend_process``): the GIL gives one Python process one core, and the
+        frontend (HTTP, tokenizing, detokenizing) is half the work of a request."""
+        port = self.cfg.http_port or _free_port(self.cfg.http_host)
+        env = {**os.environ, **to_env(self.cfg), env_name("nats_url"): self.url,
+               env_name("http_port"): str(port), env_name("model"): str(self.model().path)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dynamo_bus.cli", "frontend", env=env,
+            preexec_fn=die_with_parent)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while True:
+            if proc.returncode is not None:
+                raise ConfigError(f"the frontend process exited with {proc.returncode}")
+            try:
+                _, writer = await asyncio.open_connection(self.cfg.http_host, port)
+            except OSError:
+                if loop.time() > deadline:
+                    proc.kill()
+                    raise ConfigError("the frontend process did not start listening") from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            break
+
+        async def _watch() -> None:
+            code = await proc.wait()
+            log.error("the frontend process exited with %s", code)
+            self.failed.set()
+
+        watcher = asyncio.create_task(_watch())
+        self._children.append(watcher)
+
+        async def _stop() -> None:
+            watcher.cancel()
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), self.cfg.drain_timeout + 5)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+        self._stops.append((0, _stop))
+        self.http_port = port
+        return port
+
     async def stop(self) -> None:
         stops, self._stops = self._stops, []
         for order in sorted({o for o, _ in stops}):  # one stage at a time, its roles together
@@ -145,8 +198,16 @@ class Roles:
             self.nats = None
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGINT/SIGTERM; a second one exits the process at once."""
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def install_signal_handlers() -> asyncio.Event:
+    """The returned event is set by the first SIGINT/SIGTERM; a second signal exits the
+    process at once. Installed before anything starts, so a signal during start-up
+    still shuts down in order."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -159,11 +220,21 @@ async def wait_for_signal() -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal)
-    await stop.wait()
+    return stop
+
+
+async def wait_any(*events: asyncio.Event) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
 
 
 async def run(cfg: Config, role: str) -> None:
     """Run ``role`` (serve, frontend, router, worker) until a signal."""
+    stop = install_signal_handlers()
     roles = Roles(cfg)
     try:
         if role == "serve" and not cfg.nats_url:
@@ -175,8 +246,12 @@ async def run(cfg: Config, role: str) -> None:
             await roles.add_workers(cfg.workers)
         if role in ("serve", "router"):
             await roles.add_router()
-        if role in ("serve", "frontend"):
+        if role == "serve" and cfg.frontend_process:
+            await roles.spawn_frontend()
+        elif role in ("serve", "frontend"):
             await roles.add_frontend()
-        await wait_for_signal()
+        await wait_any(stop, roles.failed)
     finally:
         await roles.stop()
+    if roles.failed.is_set():
+        raise ConfigError("a child process failed; see the log above")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 import pytest
@@ -187,27 +187,52 @@ async def test_second_start_reuses_streams_and_buckets(stack) -> None:
         assert (await _chat(http, second.base_url, 1, 4))[:2] == (200, True)
 
 
-@pytest.mark.skipif(not hasattr(os, "getpgid"), reason="POSIX only")
-def test_serve_starts_and_stops_cleanly(model_dir, tmp_path) -> None:
-    """`dynamo-bus serve` with its own nats-server answers, then exits 0 on SIGTERM."""
+def _start_serve(model_dir, tmp_path) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynamo_bus.cli", "serve", "--http-port", "0", "--model",
          str(model_dir.path), "--store-dir", str(tmp_path / "js"), "--mock-speedup", "1000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env())
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode()
+        if "frontend serving" in line:
+            return proc, int(line.rsplit(":", 1)[1].split("/")[0])
+    raise AssertionError("serve never came up")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
     try:
-        assert proc.stdout is not None
-        port = None
-        for raw in proc.stdout:
-            line = raw.decode()
-            if "frontend serving" in line:
-                port = int(line.rsplit(":", 1)[1].split("/")[0])
-                break
-        assert port, "serve never came up"
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_answers_then_stops_with_everything_it_started(model_dir, tmp_path, sig):
+    """`dynamo-bus serve` (own nats-server, frontend in a child process) answers; on
+    SIGTERM it exits 0, and even after SIGKILL none of its children outlive it."""
+    proc, port = _start_serve(model_dir, tmp_path)
+    try:
+        children = _children(proc.pid)
+        assert len(children) == 2  # nats-server and the frontend
         import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as r:
             assert r.status == 200
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+        for _ in range(100):
+            if not any(_alive(c) for c in children):
+                break
+            time.sleep(0.1)
+        assert [c for c in children if _alive(c)] == []
     finally:
         _stop(proc)
         if proc.stdout is not None:
