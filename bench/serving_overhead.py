@@ -36,10 +36,15 @@ import peer_dynamo as pd
 
 ROOT = pd.ROOT
 BUS = ROOT / ".venv" / "bin" / "dynamo-bus"
-SYSTEMS = ("dynamo", "bus-serve", "bus-multi")
+SYSTEMS = ("dynamo", "bus-serve", "bus-serve-per-token", "bus-serve-1proc", "bus-multi")
 LABELS = {
     "dynamo": "NVIDIA Dynamo 1.6.1 (frontend + mocker, router kv)",
-    "bus-serve": "dynamo-bus `serve` (all-in-one)",
+    "bus-serve": "dynamo-bus `serve`, one command: embedded nats-server, router and workers "
+    "in one process, the HTTP frontend in a child process (the default)",
+    "bus-serve-per-token": "dynamo-bus `serve --fold-chunks false`: one SSE event per token "
+    "the engine produced, as Dynamo sends (no merging of chunks a slow reader left waiting)",
+    "bus-serve-1proc": "dynamo-bus `serve --frontend-process false`: every role in one "
+    "Python process",
     "bus-multi": "dynamo-bus multi-process (nats, workers, router, frontend: 4 processes)",
 }
 
@@ -102,9 +107,11 @@ async def start_system(
         procs.append(pd.spawn(label, [str(bus), *argv, *extra], run_dir, env))
 
     try:
-        if name == "bus-serve":
+        if name in ("bus-serve", "bus-serve-per-token", "bus-serve-1proc"):
             store = ["--store-dir", str(run_dir / "nats-store")]
-            role("bus-serve", "serve", *mock, "--workers", str(a.workers), *store, *http)
+            one = {"bus-serve-1proc": ["--frontend-process", "false"],
+                   "bus-serve-per-token": ["--fold-chunks", "false"]}.get(name, [])
+            role(name, "serve", *mock, "--workers", str(a.workers), *store, *http, *one)
         elif name == "bus-multi":
             nport = pd.free_port()
             nats = ["--nats-url", f"nats://{pd.LOOPBACK}:{nport}"]

@@ -35,6 +35,8 @@ _HELP = {
     "http_port": "frontend port (0: any free port)",
     "request_timeout": "seconds a request may take end to end",
     "max_inflight": "requests one frontend accepts at once; beyond it answers 429",
+    "fold_chunks": "a stream whose reader is behind sends the tokens already waiting as "
+                   "one event (true), or one event per chunk the worker sent (false)",
     "router_mode": "default routing strategy: round_robin, random, least_loaded",
     "router_ack_wait": "seconds before a dead router's requests are redelivered",
     "router_max_inflight": "requests one router forwards at once",

@@ -31,6 +31,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     http_port: int = 8000
     request_timeout: float = 600.0       # seconds a request may take end to end
     max_inflight: int = 4096             # per frontend; beyond it: 429
+    fold_chunks: bool = True             # merge chunks already waiting into one event
     # router
     router_mode: str = "round_robin"
     router_ack_wait: float = 10.0        # a dead router's requests come back after this

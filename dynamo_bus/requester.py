@@ -106,7 +106,7 @@ class TokenStream:
         reader that falls behind gets fewer, larger chunks instead of a backlog, and
         pays the per-chunk costs (detokenizing, JSON, a socket write) once."""
         resp = self._pending.popleft()
-        if not isinstance(resp, Chunk):
+        if not isinstance(resp, Chunk) or not self._requester.fold_chunks:
             return resp
         while self._pending and resp.finish_reason is None:
             nxt = self._pending[0]
@@ -129,12 +129,13 @@ class TokenStream:
 
 class Requester:
     def __init__(self, bus: Bus, registry: Registry, *, max_inflight: int = 4096,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, fold_chunks: bool = True) -> None:
         self.bus = bus
         self.registry = registry
         self.client_id = uuid.uuid4().hex[:12]
         self.max_inflight = max_inflight
         self.timeout = timeout
+        self.fold_chunks = fold_chunks
         self._streams: dict[str, TokenStream] = {}
         self._sub: Subscription | None = None
 

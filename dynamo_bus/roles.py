@@ -115,7 +115,8 @@ class Roles:
         registry = Registry(bus.workers_kv, bus.load_kv, ttl=self.cfg.worker_ttl)
         await registry.start()
         requester = Requester(bus, registry, max_inflight=self.cfg.max_inflight,
-                              timeout=self.cfg.request_timeout)
+                              timeout=self.cfg.request_timeout,
+                              fold_chunks=self.cfg.fold_chunks)
         await requester.start()
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model)
         service = CompletionService(requester, model, tokenizer, served_name=self.model_name)
