@@ -26,7 +26,8 @@ from dynamo_bus.errors import ProtocolError
 SCHEMA_VERSION = 1
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-RoutingStrategy = Literal["round_robin", "random", "least_loaded", "kv_aware", "direct"]
+RoutingStrategy = Literal["round_robin", "random", "least_loaded", "direct"]
+ROUTING_STRATEGIES: tuple[str, ...] = RoutingStrategy.__args__  # type: ignore[attr-defined]
 Role = Literal["aggregated", "prefill", "decode"]
 
 

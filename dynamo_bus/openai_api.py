@@ -14,10 +14,9 @@ from typing import Any, Literal
 import msgspec
 
 from dynamo_bus.errors import InvalidRequest
-from dynamo_bus.messages import RoutingHints, SamplingOptions, Usage
+from dynamo_bus.messages import ROUTING_STRATEGIES, RoutingHints, SamplingOptions, Usage
 
 Kind = Literal["chat", "completion"]
-_STRATEGIES = ("round_robin", "random", "least_loaded", "kv_aware", "direct")
 _MAX_STOP = 4
 
 
@@ -145,8 +144,8 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
     parsed.priority = int(_number(body, "priority", 0, -(2**31), 2**31, integer=True))
     strategy = body.get("routing_strategy")
     if strategy is not None:
-        if strategy not in _STRATEGIES:
-            raise _bad("routing_strategy", f"must be one of {', '.join(_STRATEGIES)}")
+        if strategy not in ROUTING_STRATEGIES:
+            raise _bad("routing_strategy", f"must be one of {', '.join(ROUTING_STRATEGIES)}")
         parsed.routing.strategy = strategy
     worker_id = body.get("worker_id")
     if worker_id is not None:

@@ -89,6 +89,7 @@ class Registry:
             return
         with contextlib.suppress(ProtocolError):
             self._loads[key] = LOAD.decode(value)
+            self._changed.set()
 
     def _removed(self, worker_id: str) -> None:
         self._loads.pop(worker_id, None)
@@ -126,7 +127,8 @@ class Registry:
         return await self.wait_until(lambda: bool(self.workers(model)), timeout)
 
     async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
-        """Wait until ``condition()`` holds, re-checked on every registration change."""
+        """Wait until ``condition()`` holds, re-checked on every registration or load
+        change."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not condition():

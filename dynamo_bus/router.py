@@ -26,16 +26,23 @@ from nats.aio.msg import Msg
 from dynamo_bus.bus import Bus
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
-from dynamo_bus.errors import ProtocolError
+from dynamo_bus.errors import ConfigError, ProtocolError
 from dynamo_bus.handback import hand_back
-from dynamo_bus.messages import CANCEL, REQUEST, RESPONSE, Error, Registration, Request
+from dynamo_bus.messages import (
+    CANCEL,
+    REQUEST,
+    RESPONSE,
+    ROUTING_STRATEGIES,
+    Error,
+    Registration,
+    Request,
+)
 from dynamo_bus.recent import RecentIds
 from dynamo_bus.registry import Registry
 from dynamo_bus.worker import WORK_ACK_WAIT
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("round_robin", "random", "least_loaded", "direct")
 
 Policy = Callable[[Request, list[Registration]], Registration]
 
@@ -44,8 +51,10 @@ class RoutingPolicy:
     """Picks a worker among live candidates. Strategies are per request overridable."""
 
     def __init__(self, registry: Registry, default: str, *, rng: random.Random | None = None):
-        if default not in STRATEGIES:
-            raise ValueError(f"unknown routing strategy {default!r}; one of {STRATEGIES}")
+        if default not in ROUTING_STRATEGIES:
+            raise ConfigError(f"unknown routing strategy {default!r}; one of "
+                              f"{', '.join(ROUTING_STRATEGIES)} (flag --router-mode, "
+                              "env DYNAMO_BUS_ROUTER_MODE)")
         self.registry = registry
         self.default = default
         self._rng = rng or random.Random()
@@ -74,7 +83,7 @@ class RoutingPolicy:
             return self._rng.choice(workers)
         if strategy == "least_loaded":
             return min(workers, key=self._load_score)
-        # round_robin, and kv_aware until the KV-aware policy lands
+        # round_robin
         i = self._rr[req.model] % len(workers)
         self._rr[req.model] += 1
         return workers[i]
