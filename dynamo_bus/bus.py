@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from dynamo_bus.config import Config
-from dynamo_bus.errors import NoWorker
+from dynamo_bus.errors import NoWorker, ProtocolError
+from dynamo_bus.messages import REQUEST, Request
 from dynamo_bus.subjects import Names
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,17 @@ class Bus:
             await asyncio.wait_for(self.nc.drain(), timeout)
         except Exception:
             await self.nc.close()
+
+
+async def decode_request(msg: Msg) -> Request | None:
+    """The Request in a JetStream message, or None after terminating a message that is
+    not one (it would fail the same way on every redelivery)."""
+    try:
+        return REQUEST.decode(msg.data)
+    except ProtocolError as exc:
+        log.warning("dropping undecodable message on %s: %s", msg.subject, exc)
+        await msg.term()
+        return None
 
 
 async def connect(url: str, *, name: str) -> NATS:

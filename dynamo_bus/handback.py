@@ -7,8 +7,7 @@ import logging
 
 from nats.aio.msg import Msg
 
-from dynamo_bus.bus import Bus
-from dynamo_bus.errors import ProtocolError
+from dynamo_bus.bus import Bus, decode_request
 from dynamo_bus.messages import REQUEST
 
 log = logging.getLogger(__name__)
@@ -18,10 +17,8 @@ async def hand_back(bus: Bus, msg: Msg, worker_id: str) -> None:
     """Republish the request in ``msg`` (from ``worker_id``'s work queue) to the request
     log with that worker excluded, then ack it. The de-duplication id names the work
     queue message, so two routers sweeping the same queue publish it once."""
-    try:
-        req = REQUEST.decode(msg.data)
-    except ProtocolError:
-        await msg.term()
+    req = await decode_request(msg)
+    if req is None:
         return
     if worker_id not in req.routing.exclude_workers:
         req.routing.exclude_workers.append(worker_id)

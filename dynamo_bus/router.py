@@ -23,14 +23,13 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
-from dynamo_bus.bus import Bus
+from dynamo_bus.bus import Bus, decode_request
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
 from dynamo_bus.errors import ConfigError, ProtocolError
 from dynamo_bus.handback import hand_back
 from dynamo_bus.messages import (
     CANCEL,
-    REQUEST,
     RESPONSE,
     ROUTING_STRATEGIES,
     Error,
@@ -171,11 +170,8 @@ class Router:
             self._cancelled.add(CANCEL.decode(msg.data).request_id)
 
     async def _handle(self, msg: Msg) -> None:
-        try:
-            req = REQUEST.decode(msg.data)
-        except ProtocolError as exc:
-            log.warning("dropping undecodable request: %s", exc)
-            await msg.term()
+        req = await decode_request(msg)
+        if req is None:
             return
         if req.request_id in self._cancelled:
             await msg.ack()

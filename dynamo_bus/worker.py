@@ -21,7 +21,7 @@ import time
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from dynamo_bus.bus import Bus, ensure_consumer
+from dynamo_bus.bus import Bus, decode_request, ensure_consumer
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
 from dynamo_bus.engines.base import Engine, EngineRequest
@@ -168,11 +168,8 @@ class Worker:
 
     # -- requests ----------------------------------------------------------------
     async def _handle(self, msg: Msg) -> None:
-        try:
-            req = REQUEST.decode(msg.data)
-        except ProtocolError as exc:
-            log.warning("dropping undecodable work message: %s", exc)
-            await msg.term()
+        req = await decode_request(msg)
+        if req is None:
             return
         rid = req.request_id
         if rid in self._running:

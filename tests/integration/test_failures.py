@@ -44,6 +44,24 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+async def _one_at_a_time_worker(s, model_dir, tmp_path, worker_id: str
+                                ) -> subprocess.Popen[bytes]:
+    """A worker in its own process that runs one request at a time, each for seconds
+    (so a test can catch it mid-request with others queued), registered and ready."""
+    proc = _spawn("worker", _flags(s.nats_url, str(model_dir.path), worker_id=worker_id,
+                                   max_concurrency=1, mock_speedup=0.05), tmp_path / "w.log")
+    assert await s.roles.routers[0].registry.wait_for_worker(MODEL, timeout=30)
+    return proc
+
+
+async def _direct(http: aiohttp.ClientSession, url: str, i: int, worker_id: str) -> tuple:
+    """A unary completion routed to ``worker_id``: (status, body)."""
+    body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 24, "seed": i,
+            "worker_id": worker_id}
+    async with http.post(url + "/completions", json=body) as resp:
+        return resp.status, await resp.json()
+
+
 async def _chat(http: aiohttp.ClientSession, url: str, i: int, max_tokens: int = 32) -> tuple:
     body = {"model": MODEL, "messages": [{"role": "user", "content": f"req {i}"}],
             "max_tokens": max_tokens, "stream": True, "seed": i}
@@ -77,21 +95,13 @@ async def test_killing_a_router_replica_mid_load_loses_no_request(stack, model_d
 
 
 async def test_sigterm_drains_a_worker_and_hands_back_queued_work(stack, model_dir, tmp_path):
-    # A slow worker in its own process, one request at a time; a second worker here.
     s = await stack(workers=0)
-    proc = _spawn("worker", _flags(s.nats_url, str(model_dir.path), worker_id="slow",
-                                   max_concurrency=1, mock_speedup=0.05), tmp_path / "w.log")
+    proc = await _one_at_a_time_worker(s, model_dir, tmp_path, "slow")
     try:
         registry = s.roles.routers[0].registry
-        assert await registry.wait_for_worker(MODEL, timeout=30)
         async with aiohttp.ClientSession() as http:
-            async def direct(i: int) -> tuple:
-                body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 24, "seed": i,
-                        "worker_id": "slow"}
-                async with http.post(s.base_url + "/completions", json=body) as resp:
-                    return resp.status, await resp.json()
-
-            tasks = [asyncio.create_task(direct(i)) for i in range(3)]
+            tasks = [asyncio.create_task(_direct(http, s.base_url, i, "slow"))
+                     for i in range(3)]
             await asyncio.sleep(1.0)      # the first is generating, two are queued
             await s.roles.add_workers(1)  # somewhere for handed-back work to go
             proc.send_signal(signal.SIGTERM)
@@ -243,24 +253,15 @@ async def test_a_killed_workers_queue_is_sent_elsewhere(stack, model_dir, tmp_pa
     """SIGKILL, no drain: what it was generating fails fast with a 503 (not a hang until
     the timeout); what waited in its queue is routed to another worker and completes."""
     s = await stack(workers=0)
-    proc = _spawn("worker", _flags(s.nats_url, str(model_dir.path), worker_id="doomed",
-                                   max_concurrency=1, mock_speedup=0.05), tmp_path / "w.log")
+    proc = await _one_at_a_time_worker(s, model_dir, tmp_path, "doomed")
     try:
-        registry = s.roles.routers[0].registry
-        assert await registry.wait_for_worker(MODEL, timeout=30)
         async with aiohttp.ClientSession() as http:
-            async def direct(i: int) -> int:
-                body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 24,
-                        "worker_id": "doomed"}
-                async with http.post(s.base_url + "/completions", json=body) as resp:
-                    await resp.read()
-                    return resp.status
-
-            tasks = [asyncio.create_task(direct(i)) for i in range(3)]
+            tasks = [asyncio.create_task(_direct(http, s.base_url, i, "doomed"))
+                     for i in range(3)]
             await asyncio.sleep(1.0)
             await s.roles.add_workers(1)
             proc.send_signal(signal.SIGKILL)
-            statuses = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     finally:
         _stop(proc)
-    assert sorted(statuses) == [200, 200, 503]
+    assert sorted(status for status, _ in results) == [200, 200, 503]
