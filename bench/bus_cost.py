@@ -160,7 +160,7 @@ async def dynamo_bus(url: str, n: int, warmup: int) -> list[float]:
     await worker.start()
     router = Router(buses[1], cfg)
     await router.start()
-    registry = Registry(buses[2].workers_kv, buses[2].load_kv, ttl=cfg.worker_ttl)
+    registry = Registry(buses[2], ttl=cfg.worker_ttl)
     await registry.start()
     await registry.wait_for_worker(MODEL)
     await router.registry.wait_for_worker(MODEL)

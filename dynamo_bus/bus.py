@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as NATS
@@ -39,6 +40,9 @@ class Bus:
     names: Names
     workers_kv: KeyValue
     load_kv: KeyValue
+    # Called after the connection comes back: pull requests do not survive a
+    # reconnect, so each PullConsumer registers here to pull again.
+    on_reconnect: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drain (deliver what is buffered), bounded: with the server gone a drain
@@ -62,14 +66,20 @@ async def decode_request(msg: Msg) -> Request | None:
         return None
 
 
-async def connect(url: str, *, name: str) -> NATS:
+async def connect(url: str, *, name: str,
+                  on_reconnect: list[Callable[[], None]] | None = None) -> NATS:
     async def _error_cb(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
+    async def _reconnected_cb() -> None:
+        log.info("nats: reconnected (%s)", name)
+        for cb in on_reconnect or ():
+            cb()
+
     return await nats.connect(
         url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        error_cb=_error_cb, pending_size=64 * 1024 * 1024, flush_timeout=10,
-        drain_timeout=5,
+        error_cb=_error_cb, reconnected_cb=_reconnected_cb, pending_size=64 * 1024 * 1024,
+        flush_timeout=10, drain_timeout=5,
     )
 
 
@@ -93,9 +103,11 @@ async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyVa
         kv = await js.key_value(bucket)
     except BucketNotFoundError:
         # limit markers: watchers hear about a key whose TTL ran out, not only deletes.
+        # File storage: a restarted server still has the bucket (memory buckets vanish,
+        # and every put and watch would fail until something re-created them).
         return await js.create_key_value(bucket=bucket, ttl=ttl, history=1,
                                          limit_marker_ttl=max(ttl, 1.0),
-                                         storage=js_api.StorageType.MEMORY)
+                                         storage=js_api.StorageType.FILE)
     status = await kv.status()
     if status.ttl is None or abs(status.ttl - ttl) > 1e-3:
         info = await js.stream_info(f"KV_{bucket}")
@@ -160,7 +172,8 @@ async def ensure_consumer(js: JetStreamContext, stream: str,
 async def open_bus(cfg: Config, url: str, *, name: str, ensure: bool = True) -> Bus:
     """Connect; with ``ensure`` create or update the topology, else only find it."""
     names = Names(cfg.namespace)
-    nc = await connect(url, name=name)
+    listeners: list[Callable[[], None]] = []
+    nc = await connect(url, name=name, on_reconnect=listeners)
     js = nc.jetstream(timeout=10)
     try:
         if ensure:
@@ -170,4 +183,5 @@ async def open_bus(cfg: Config, url: str, *, name: str, ensure: bool = True) -> 
     except BaseException:
         await nc.close()
         raise
-    return Bus(nc=nc, js=js, names=names, workers_kv=workers_kv, load_kv=load_kv)
+    return Bus(nc=nc, js=js, names=names, workers_kv=workers_kv, load_kv=load_kv,
+               on_reconnect=listeners)

@@ -142,7 +142,7 @@ class _Nats:
         cfg = Config(nats_url=self.url, namespace=self.namespace, model=self.model_dir)
         model = await asyncio.to_thread(resolve_model, self.model_dir)
         self.bus = await open_bus(cfg, self.url, name="dynamo-client", ensure=False)
-        self.registry = Registry(self.bus.workers_kv, self.bus.load_kv, ttl=cfg.worker_ttl)
+        self.registry = Registry(self.bus, ttl=cfg.worker_ttl)
         await self.registry.start()
         requester = Requester(self.bus, self.registry, timeout=self.timeout)
         await requester.start()

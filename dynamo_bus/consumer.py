@@ -35,7 +35,7 @@ Handler = Callable[[Msg], Awaitable[None]]
 class PullConsumer:
     def __init__(self, nc: NATS, stream: str, durable: str, *, capacity: int,
                  handler: Handler, on_drain: Handler | None = None,
-                 expires: float = 5.0) -> None:
+                 expires: float = 30.0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._nc = nc

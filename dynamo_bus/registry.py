@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from nats.js.kv import KeyValue
 
+from dynamo_bus.bus import Bus
 from dynamo_bus.errors import ProtocolError
 from dynamo_bus.messages import LOAD, REGISTRATION, Load, Registration
 
@@ -22,36 +23,55 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, workers_kv: KeyValue, load_kv: KeyValue, *, ttl: float) -> None:
-        self._workers_kv = workers_kv
-        self._load_kv = load_kv
+    def __init__(self, bus: Bus, *, ttl: float) -> None:
+        self._workers_kv = bus.workers_kv
+        self._load_kv = bus.load_kv
+        # A watch is an ephemeral consumer: it does not survive a server restart.
+        bus.on_reconnect.append(self._rewatch)
         self.ttl = ttl
         self._workers: dict[str, tuple[Registration, float]] = {}
         self._loads: dict[str, Load] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._retired: set[asyncio.Task[None]] = set()  # cancelled, still finishing
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self.on_removed: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         workers_seen = asyncio.Event()
+        self._start_watches(workers_seen)
+        await asyncio.wait_for(workers_seen.wait(), 10)
+        self._ready.set()
+
+    def _start_watches(self, workers_seen: asyncio.Event) -> None:
         self._tasks = [
             asyncio.create_task(self._watch(self._workers_kv, self._on_worker, workers_seen)),
             asyncio.create_task(self._watch(self._load_kv, self._on_load, asyncio.Event())),
         ]
-        await asyncio.wait_for(workers_seen.wait(), 10)
-        self._ready.set()
 
-    async def stop(self) -> None:
+    def _rewatch(self) -> None:
+        if not self._tasks:
+            return  # not started, or stopped
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        self._start_watches(asyncio.Event())
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._retired]
         self._tasks = []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch(self, kv: KeyValue, apply: Callable[[str, bytes | None], None],
                      initial_done: asyncio.Event) -> None:
         while True:
             try:
+                # After a server restart JetStream takes a moment to load its streams;
+                # a watch created before that never delivers. Ask until it answers.
+                await kv.status()
                 watcher = await kv.watchall()
                 try:
                     async for entry in watcher:

@@ -112,7 +112,7 @@ class Roles:
     async def add_frontend(self, *, port: int | None = None) -> int:
         model = self.model()
         bus = await self._bus("frontend")
-        registry = Registry(bus.workers_kv, bus.load_kv, ttl=self.cfg.worker_ttl)
+        registry = Registry(bus, ttl=self.cfg.worker_ttl)
         await registry.start()
         requester = Requester(bus, registry, max_inflight=self.cfg.max_inflight,
                               timeout=self.cfg.request_timeout,

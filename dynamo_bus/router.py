@@ -104,7 +104,7 @@ class Router:
     def __init__(self, bus: Bus, cfg: Config, *, registry: Registry | None = None) -> None:
         self.bus = bus
         self.cfg = cfg
-        self.registry = registry or Registry(bus.workers_kv, bus.load_kv, ttl=cfg.worker_ttl)
+        self.registry = registry or Registry(bus, ttl=cfg.worker_ttl)
         self._own_registry = registry is None
         self.policy = RoutingPolicy(self.registry, cfg.router_mode)
         names = bus.names
@@ -120,6 +120,7 @@ class Router:
         self._cancel_sub = await self.bus.nc.subscribe(self.bus.names.cancel_subject,
                                                        cb=self._on_cancel)
         self.registry.on_removed.append(self._on_worker_removed)
+        self.bus.on_reconnect.append(self._consumer.on_reconnect)
         await self._consumer.start()
         log.info("router up (default strategy %s)", self.policy.default)
 

@@ -80,6 +80,7 @@ class Worker:
         ))
         self._cancel_sub = await self.bus.nc.subscribe(names.cancel_subject, cb=self._on_cancel)
         await self._register()
+        self.bus.on_reconnect.append(self._consumer.on_reconnect)
         await self._consumer.start()
         self._tasks = [asyncio.create_task(self._heartbeat()),
                        asyncio.create_task(self._publish_load()),
@@ -129,9 +130,11 @@ class Worker:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             try:
-                await self._register()
+                # Bounded: a put sent as the server went away is never answered, and
+                # waiting out the default timeout would outlive our registration's TTL.
+                await asyncio.wait_for(self._register(), self.cfg.heartbeat_interval)
             except Exception as exc:  # server away: keep trying, it reconnects
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat failed: %r", exc)
             self._load_dirty.set()
 
     async def _publish_load(self) -> None:
@@ -145,7 +148,8 @@ class Worker:
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
                         at=time.time())
             with contextlib.suppress(Exception):
-                await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))
+                await asyncio.wait_for(self.bus.load_kv.put(self.worker_id, LOAD.encode(load)),
+                                       self.cfg.heartbeat_interval)
             await asyncio.sleep(0.05)  # at most 20 load updates a second
 
     async def _keep_alive(self) -> None:
