@@ -50,7 +50,8 @@ class Bus:
         if self.nc.is_closed:
             return
         try:
-            await asyncio.wait_for(self.nc.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.nc.drain()
         except Exception:
             await self.nc.close()
 
@@ -143,14 +144,22 @@ async def ensure_topology(js: JetStreamContext, names: Names,
         retention=js_api.RetentionPolicy.WORK_QUEUE, storage=js_api.StorageType.FILE,
         max_age=cfg.request_timeout, duplicate_window=DEDUPE_WINDOW,
     ))
-    await ensure_consumer(js, names.request_stream, js_api.ConsumerConfig(
-        durable_name=names.router_consumer, ack_policy=js_api.AckPolicy.EXPLICIT,
-        deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=cfg.router_ack_wait,
-        max_deliver=5, max_ack_pending=cfg.router_max_inflight * 4, max_waiting=512,
-    ))
+    await ensure_consumer(js, names.request_stream, router_consumer_config(names, cfg))
     workers_kv = await _ensure_bucket(js, names.workers_bucket, cfg.worker_ttl)
     load_kv = await _ensure_bucket(js, names.load_bucket, cfg.worker_ttl)
     return workers_kv, load_kv
+
+
+ROUTER_MAX_DELIVER = 5
+
+
+def router_consumer_config(names: Names, cfg: Config) -> js_api.ConsumerConfig:
+    return js_api.ConsumerConfig(
+        durable_name=names.router_consumer, ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=cfg.router_ack_wait,
+        max_deliver=ROUTER_MAX_DELIVER, max_ack_pending=cfg.router_max_inflight * 4,
+        max_waiting=512,
+    )
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str,

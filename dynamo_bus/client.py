@@ -141,12 +141,16 @@ class _Nats:
 
         cfg = Config(nats_url=self.url, namespace=self.namespace, model=self.model_dir)
         model = await asyncio.to_thread(resolve_model, self.model_dir)
-        self.bus = await open_bus(cfg, self.url, name="dynamo-client", ensure=False)
-        self.registry = Registry(self.bus, ttl=cfg.worker_ttl)
-        await self.registry.start()
-        requester = Requester(self.bus, self.registry, timeout=self.timeout)
-        await requester.start()
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model)
+        self.bus = await open_bus(cfg, self.url, name="dynamo-client", ensure=False)
+        try:
+            self.registry = Registry(self.bus, ttl=cfg.worker_ttl)
+            await self.registry.start()
+            requester = Requester(self.bus, self.registry, timeout=self.timeout)
+            await requester.start()
+        except BaseException:
+            await self.bus.close()
+            raise
         self.service = CompletionService(requester, model, tokenizer)
 
     async def create(self, kind: str, body: dict[str, Any]) -> Any:

@@ -8,7 +8,14 @@ keeps a standing pull with "credits" the way nats.go's ``Consume`` does:
 * a pull asks for the free room when it reaches half of capacity (or when nothing is
   outstanding), so under load one pull request covers many messages;
 * a pull that ends (expiry, 408/409) gives back the credits it did not use, read from
-  the server's ``Nats-Pending-Messages`` header.
+  the server's ``Nats-Pending-Messages`` header; one that ends without saying (404,
+  503 "no responders" for a consumer that is gone) gives back all of them;
+* a watchdog forgets credits when nothing at all has come back for longer than a
+  pull can live (the server lost our pulls), so a consumer never stops pulling;
+* after 409/503 the next pull waits a moment (back-off), and ``on_missing`` may
+  re-create a consumer that was deleted;
+* a message that arrives with every slot busy (credits can be wrong after a
+  reconnect) is handed back with a short delay instead of over-filling capacity.
 
 Each delivered message is handled in its own task, owned here. After
 ``stop_fetching()`` no pull is issued; messages that still arrive go to ``on_drain``
@@ -30,12 +37,16 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Msg], Awaitable[None]]
+Recreate = Callable[[], Awaitable[None]]
+
+_RETRY_DELAY = 0.5   # seconds before pulling again after a 409/503
+_GRACE = 2.0         # beyond a pull's expiry before the watchdog forgets its credits
 
 
 class PullConsumer:
     def __init__(self, nc: NATS, stream: str, durable: str, *, capacity: int,
                  handler: Handler, on_drain: Handler | None = None,
-                 expires: float = 30.0) -> None:
+                 on_missing: Recreate | None = None, expires: float = 30.0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._nc = nc
@@ -43,7 +54,12 @@ class PullConsumer:
         self.capacity = capacity
         self._handler = handler
         self._on_drain = on_drain or handler
+        self._on_missing = on_missing
+        self._expires = expires
         self._expires_ns = int(expires * 1e9)
+        self._last_heard = 0.0     # loop time of the last message or status
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._retry: asyncio.TimerHandle | None = None
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._credits = 0          # messages asked for, not yet delivered
@@ -74,14 +90,42 @@ class PullConsumer:
         self._credits += free
         body = json.dumps({"batch": free, "expires": self._expires_ns}).encode()
         await self._nc.publish(self._next_subject, body, reply=self._inbox)
+        self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop = asyncio.get_running_loop()
+        issued = loop.time()
+        self._watchdog = loop.call_later(self._expires + _GRACE, self._check_lost, issued)
+
+    def _check_lost(self, issued: float) -> None:
+        """Every pull ends with a message or a status within its expiry. Silence past
+        that means the server no longer has our pulls: their credits are void."""
+        self._watchdog = None
+        if self._fetching and self._credits > 0 and self._last_heard < issued:
+            log.warning("pulls on %s went unanswered; pulling again", self._next_subject)
+            self._credits = 0
+            self._spawn_pull()
+
+    def _retry_later(self) -> None:
+        if self._retry is None and self._fetching:
+            def _fire() -> None:
+                self._retry = None
+                self._spawn_pull()
+            self._retry = asyncio.get_running_loop().call_later(_RETRY_DELAY, _fire)
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None and not msg.data:
             await self._on_status(msg, status)
             return
         self._credits = max(0, self._credits - 1)
         self._delivered += 1
+        if self._fetching and len(self._tasks) >= self.capacity:
+            await msg.nak(delay=_RETRY_DELAY)  # more than we asked for: not now
+            return
         handler = self._handler if self._fetching else self._on_drain
         task = asyncio.create_task(self._run(handler, msg))
         self._tasks.add(task)
@@ -98,13 +142,21 @@ class PullConsumer:
         pending = msg.headers.get("Nats-Pending-Messages")
         if pending is not None:
             self._credits = max(0, self._credits - int(pending))
-        elif status in ("404", "408", "409"):
+        else:
             # A pull ended without saying how much it left unused: it was the whole
-            # request (no_wait with nothing there, or the server dropped it).
+            # request (no_wait with nothing there, the server dropped it, or 503: no
+            # consumer to answer it).
             self._credits = 0
-        if status == "409":
-            log.warning("pull on %s ended: %s", self._next_subject,
-                        msg.headers.get("Description", ""))
+        if status in ("409", "503"):
+            why = msg.headers.get("Description", "no such consumer")
+            log.warning("pull on %s ended: %s %s", self._next_subject, status, why)
+            if self._on_missing is not None and (status == "503" or "Deleted" in why):
+                try:
+                    await self._on_missing()
+                except Exception as exc:
+                    log.warning("could not re-create the consumer: %r", exc)
+            self._retry_later()
+            return
         await self._pull()
 
     async def _run(self, handler: Handler, msg: Msg) -> None:
@@ -137,6 +189,10 @@ class PullConsumer:
 
     def stop_fetching(self) -> None:
         self._fetching = False
+        for timer in (self._watchdog, self._retry):
+            if timer is not None:
+                timer.cancel()
+        self._watchdog = self._retry = None
 
     async def drain_remaining(self, *, batch: int = 256, timeout: float = 5.0) -> None:
         """After ``stop_fetching``: let open pulls run out, then empty the consumer with
@@ -146,7 +202,8 @@ class PullConsumer:
         while self._credits > 0 and loop.time() < deadline:
             self._pull_ended.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pull_ended.wait(), deadline - loop.time())
+                async with asyncio.timeout_at(deadline):
+                    await self._pull_ended.wait()
         self._credits = 0
         while loop.time() < deadline and not self._nc.is_closed:
             self._empty.clear()
@@ -155,7 +212,8 @@ class PullConsumer:
             await self._nc.publish(self._next_subject, body, reply=self._inbox)
             with contextlib.suppress(TimeoutError):
                 # 404 "no messages" ends a no-wait pull that found less than batch.
-                await asyncio.wait_for(self._empty.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._empty.wait()
             await self.wait_idle(timeout)
             if self._empty.is_set() and self._delivered == before:
                 return
@@ -163,14 +221,15 @@ class PullConsumer:
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no handler runs. Returns False on timeout."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
             return True
         except TimeoutError:
             return False
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop fetching, cancel handlers still running after ``timeout``, unsubscribe."""
-        self._fetching = False
+        self.stop_fetching()
         await self.wait_idle(timeout)
         pending = self._tasks | self._pulls
         for task in pending:

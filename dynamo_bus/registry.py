@@ -33,15 +33,19 @@ class Registry:
         self._loads: dict[str, Load] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._retired: set[asyncio.Task[None]] = set()  # cancelled, still finishing
-        self._ready = asyncio.Event()
+        self._closed = False
         self._changed = asyncio.Event()
         self.on_removed: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         workers_seen = asyncio.Event()
         self._start_watches(workers_seen)
-        await asyncio.wait_for(workers_seen.wait(), 10)
-        self._ready.set()
+        try:
+            async with asyncio.timeout(10):
+                await workers_seen.wait()
+        except BaseException:
+            await self.stop()
+            raise
 
     def _start_watches(self, workers_seen: asyncio.Event) -> None:
         self._tasks = [
@@ -59,15 +63,17 @@ class Registry:
         self._start_watches(asyncio.Event())
 
     async def stop(self) -> None:
+        self._closed = True
         tasks = [*self._tasks, *self._retired]
         self._tasks = []
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded: nats-py may turn a cancel into a TimeoutError (3.11)
+            await asyncio.wait(tasks, timeout=5.0)
 
     async def _watch(self, kv: KeyValue, apply: Callable[[str, bytes | None], None],
                      initial_done: asyncio.Event) -> None:
-        while True:
+        while not self._closed:
             try:
                 # After a server restart JetStream takes a moment to load its streams;
                 # a watch created before that never delivers. Ask until it answers.
@@ -157,5 +163,6 @@ class Registry:
             if remaining <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
         return True

@@ -72,34 +72,42 @@ class TokenStream:
 
     async def _iter(self) -> AsyncIterator[Chunk]:
         try:
+            while not self.finished:
+                await self._wait()
+                resp = self._take()
+                if isinstance(resp, Error):
+                    self.finished = True
+                    raise from_status(resp.status, resp.message, code=resp.code,
+                                      param=resp.param)
+                if resp.worker_id:
+                    self.worker_id = resp.worker_id
+                # Drop what was already seen (a redelivered request starts over at 0).
+                skip = self._next_index - resp.index
+                if skip > 0:
+                    if skip >= len(resp.token_ids) and resp.finish_reason is None:
+                        continue
+                    resp.token_ids = resp.token_ids[skip:]
+                    resp.index = self._next_index
+                self._next_index = resp.index + len(resp.token_ids)
+                if resp.finish_reason is not None:
+                    self.finished = True
+                yield resp
+        finally:
+            self._requester._forget(self.request_id)
+
+    async def _wait(self) -> None:
+        """Until something is pending, or the request's deadline. The deadline guards
+        only this wait, never the caller's code between chunks."""
+        if self._pending:
+            return
+        try:
             async with asyncio.timeout_at(self._deadline):
-                while not self.finished:
-                    while not self._pending:
-                        self._ready.clear()
-                        await self._ready.wait()
-                    resp = self._take()
-                    if isinstance(resp, Error):
-                        self.finished = True
-                        raise from_status(resp.status, resp.message, code=resp.code,
-                                          param=resp.param)
-                    if resp.worker_id:
-                        self.worker_id = resp.worker_id
-                    # Drop what was already seen (a redelivered request starts over at 0).
-                    skip = self._next_index - resp.index
-                    if skip > 0:
-                        if skip >= len(resp.token_ids) and resp.finish_reason is None:
-                            continue
-                        resp.token_ids = resp.token_ids[skip:]
-                        resp.index = self._next_index
-                    self._next_index = resp.index + len(resp.token_ids)
-                    if resp.finish_reason is not None:
-                        self.finished = True
-                    yield resp
+                while not self._pending:
+                    self._ready.clear()
+                    await self._ready.wait()
         except TimeoutError:
             await self.cancel("timed out")
             raise RequestTimeout("request timed out") from None
-        finally:
-            self._requester._forget(self.request_id)
 
     def _take(self) -> Response:
         """The next response, with the chunks already waiting behind it folded in: a
@@ -138,6 +146,7 @@ class Requester:
         self.fold_chunks = fold_chunks
         self._streams: dict[str, TokenStream] = {}
         self._sub: Subscription | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         names = self.bus.names
@@ -177,9 +186,13 @@ class Requester:
             await self.bus.js.publish(names.request_subject(request.model),
                                       REQUEST.encode(request),
                                       headers={"Nats-Msg-Id": request.request_id})
-        except Exception as exc:
-            self._forget(request.request_id)
-            raise Overloaded(f"could not store the request: {exc}") from exc
+        except BaseException as exc:
+            # Not stored, or we stopped waiting (the caller was cancelled): it may be
+            # stored all the same, so cancel it rather than leave it running for no one.
+            await self.cancel(request.request_id, "submit abandoned")
+            if isinstance(exc, Exception):
+                raise Overloaded(f"could not store the request: {exc}") from exc
+            raise
         return stream
 
     async def cancel(self, request_id: str, reason: str) -> None:
@@ -202,11 +215,20 @@ class Requester:
             stream._push(resp)
 
     def _on_worker_removed(self, worker_id: str) -> None:
-        for stream in list(self._streams.values()):
-            if stream.worker_id == worker_id and not stream.finished:
-                stream._push(Error(request_id=stream.request_id, status=503,
-                                   message=f"worker {worker_id} stopped while generating",
-                                   code="worker_lost"))
+        lost = [s for s in self._streams.values()
+                if s.worker_id == worker_id and not s.finished]
+        for stream in lost:
+            stream._push(Error(request_id=stream.request_id, status=503,
+                               message=f"worker {worker_id} stopped while generating",
+                               code="worker_lost"))
+        if lost:  # and no one re-runs them when their messages come back
+            task = asyncio.ensure_future(self._cancel_all([s.request_id for s in lost]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _cancel_all(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            await self.cancel(rid, "worker lost")
 
 
 def new_request_id() -> str:

@@ -173,7 +173,8 @@ class Roles:
             if proc.returncode is None:
                 proc.terminate()
                 try:
-                    await asyncio.wait_for(proc.wait(), self.cfg.drain_timeout + 5)
+                    async with asyncio.timeout(self.cfg.drain_timeout + 5):
+                        await proc.wait()
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
@@ -185,11 +186,15 @@ class Roles:
     async def stop(self) -> None:
         stops, self._stops = self._stops, []
         for order in sorted({o for o, _ in stops}):  # one stage at a time, its roles together
-            results = await asyncio.gather(*(stop() for o, stop in stops if o == order),
-                                           return_exceptions=True)
-            for exc in results:
-                if isinstance(exc, Exception):
-                    log.error("error while stopping: %r", exc)
+            stage = [asyncio.ensure_future(stop()) for o, stop in stops if o == order]
+            # Bounded: a stop that hangs must not keep the process from exiting.
+            done, hung = await asyncio.wait(stage, timeout=self.cfg.drain_timeout + 15)
+            for task in hung:
+                log.error("a role did not stop in time; abandoning it")
+                task.cancel()
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("error while stopping: %r", task.exception())
         for bus in self._buses:
             with contextlib.suppress(Exception):
                 await bus.close()

@@ -23,7 +23,13 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
-from dynamo_bus.bus import Bus, decode_request
+from dynamo_bus.bus import (
+    ROUTER_MAX_DELIVER,
+    Bus,
+    decode_request,
+    ensure_consumer,
+    router_consumer_config,
+)
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
 from dynamo_bus.errors import ConfigError, ProtocolError
@@ -99,6 +105,10 @@ class RoutingPolicy:
     def sent(self, worker_id: str) -> None:
         self._sent_since[worker_id] += 1
 
+    def forget(self, worker_id: str) -> None:
+        self._sent_since.pop(worker_id, None)
+        self._seen_load_at.pop(worker_id, None)
+
 
 class Router:
     def __init__(self, bus: Bus, cfg: Config, *, registry: Registry | None = None) -> None:
@@ -109,10 +119,15 @@ class Router:
         self.policy = RoutingPolicy(self.registry, cfg.router_mode)
         names = bus.names
         self._consumer = PullConsumer(bus.nc, names.request_stream, names.router_consumer,
-                                      capacity=cfg.router_max_inflight, handler=self._handle)
+                                      capacity=cfg.router_max_inflight, handler=self._handle,
+                                      on_missing=self._ensure_consumer)
         self._cancelled = RecentIds()
         self._sweeps: dict[str, asyncio.Task[None]] = {}
         self.routed = 0
+
+    async def _ensure_consumer(self) -> None:
+        await ensure_consumer(self.bus.js, self.bus.names.request_stream,
+                              router_consumer_config(self.bus.names, self.cfg))
 
     async def start(self) -> None:
         if self._own_registry:
@@ -136,6 +151,7 @@ class Router:
             await self.registry.stop()
 
     def _on_worker_removed(self, worker_id: str) -> None:
+        self.policy.forget(worker_id)
         if worker_id not in self._sweeps:
             task = asyncio.create_task(self._sweep(worker_id))
             self._sweeps[worker_id] = task
@@ -148,20 +164,26 @@ class Router:
         finished come back and are swept too; then removes the worker's consumer. A
         worker that reappears keeps its queue."""
         names = self.bus.names
+        gone = asyncio.Event()  # the worker's consumer does not exist: nothing to sweep
+
+        async def _gone() -> None:
+            gone.set()
+
         sweeper = PullConsumer(
             self.bus.nc, names.work_stream, names.worker_consumer(worker_id), capacity=64,
-            handler=lambda msg: hand_back(self.bus, msg, worker_id), expires=1.0)
+            handler=lambda msg: hand_back(self.bus, msg, worker_id), on_missing=_gone,
+            expires=1.0)
+        await sweeper.start()
+        back = asyncio.create_task(self.registry.wait_until(
+            lambda: self.registry.get(worker_id) is not None, timeout=WORK_ACK_WAIT + 2.0))
+        missing = asyncio.create_task(gone.wait())
         try:
-            await sweeper.start()
-        except Exception as exc:  # no such consumer: nothing to sweep
-            log.debug("no queue to sweep for %s: %s", worker_id, exc)
-            return
-        try:
-            back = await self.registry.wait_until(lambda: self.registry.get(worker_id) is not None,
-                                                  timeout=WORK_ACK_WAIT + 2.0)
+            await asyncio.wait([back, missing], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            back.cancel()
+            missing.cancel()
             await sweeper.close(timeout=2.0)
-        if not back:
+        if self.registry.get(worker_id) is None and not gone.is_set():
             with contextlib.suppress(Exception):
                 await self.bus.js.delete_consumer(names.work_stream,
                                                   names.worker_consumer(worker_id))
@@ -196,9 +218,13 @@ class Router:
             await self.bus.js.publish(worker.work_subject, msg.data,
                                       headers={"Nats-Msg-Id": f"{req.request_id}:{seq}"})
         except Exception as exc:
-            # Not stored: leave the request un-acked; it comes back after ack_wait.
             log.warning("forwarding %s to %s failed: %s", req.request_id, worker.worker_id, exc)
-            await msg.nak(delay=0.5)
+            if msg.metadata.num_delivered >= ROUTER_MAX_DELIVER:
+                # JetStream would drop it silently after this delivery: answer instead.
+                await self._reject(msg, req, 503, "overloaded",
+                                   f"could not hand the request to a worker: {exc}")
+            else:  # not stored: try again shortly
+                await msg.nak(delay=0.5)
             return
         self.policy.sent(worker.worker_id)
         self.routed += 1

@@ -13,7 +13,13 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from dynamo_bus.errors import InvalidRequest, ModelNotFound, PromptTooLong
+from dynamo_bus.errors import (
+    DynamoBusError,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    PromptTooLong,
+)
 from dynamo_bus.messages import Request, Usage
 from dynamo_bus.modeldir import ModelDir
 from dynamo_bus.openai_api import ParsedRequest, chunk_body, full_body, usage_chunk_body
@@ -127,10 +133,14 @@ class CompletionService:
                     await stream.cancel("stop string")
                     yield text, "stop", usage
                     return
+                if chunk.finish_reason in ("cancelled", "error"):
+                    # Not an OpenAI finish reason: the request did not complete.
+                    raise (Overloaded("the request was cancelled by the server")
+                           if chunk.finish_reason == "cancelled"
+                           else DynamoBusError("the engine failed on this request"))
                 if chunk.finish_reason is not None:
                     text += stops.push(detok.flush())[0] + stops.flush()
-                    reason = "stop" if chunk.finish_reason == "stop" else chunk.finish_reason
-                    yield text, reason, usage
+                    yield text, chunk.finish_reason, usage
                     return
                 if text:
                     yield text, None, None

@@ -60,6 +60,7 @@ class Worker:
         self._consumer = PullConsumer(
             bus.nc, names.work_stream, names.worker_consumer(worker_id),
             capacity=cfg.max_concurrency, handler=self._handle, on_drain=self._hand_back,
+            on_missing=self._ensure_consumer,
             expires=1.0)  # short pulls: a draining worker waits at most this for them
         self._running: dict[str, Msg] = {}
         self._done = RecentIds()
@@ -67,10 +68,11 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._load_dirty = asyncio.Event()
         self._draining = False
+        self._closed = False
         self._started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------
-    async def start(self) -> None:
+    async def _ensure_consumer(self) -> None:
         names = self.bus.names
         await ensure_consumer(self.bus.js, names.work_stream, js_api.ConsumerConfig(
             durable_name=names.worker_consumer(self.worker_id),
@@ -78,6 +80,10 @@ class Worker:
             ack_wait=WORK_ACK_WAIT, max_ack_pending=self.cfg.max_concurrency * 2,
             inactive_threshold=3600.0,
         ))
+
+    async def start(self) -> None:
+        names = self.bus.names
+        await self._ensure_consumer()
         self._cancel_sub = await self.bus.nc.subscribe(names.cancel_subject, cb=self._on_cancel)
         await self._register()
         self.bus.on_reconnect.append(self._consumer.on_reconnect)
@@ -113,11 +119,11 @@ class Worker:
         if not await self._consumer.wait_idle(self.cfg.drain_timeout):
             for rid in list(self._running):
                 await self._fail(rid, "worker is shutting down", 503)
+        log.debug("drain %s: in-flight done", self.worker_id)
         await self._consumer.drain_remaining()
+        log.debug("drain %s: queue handed back", self.worker_id)
         await self._consumer.close(timeout=5.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_background()
         with contextlib.suppress(Exception):
             await self._cancel_sub.unsubscribe()
         with contextlib.suppress(Exception):
@@ -125,20 +131,33 @@ class Worker:
             await self.bus.load_kv.delete(self.worker_id)
         log.info("worker %s drained", self.worker_id)
 
+    async def _stop_background(self) -> None:
+        # The loops also check ``_closed``: on 3.11 a cancel that lands as an
+        # asyncio.timeout expires comes out as TimeoutError, which they survive.
+        self._closed = True
+        self._load_dirty.set()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+
     # -- background --------------------------------------------------------------
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             try:
                 # Bounded: a put sent as the server went away is never answered, and
                 # waiting out the default timeout would outlive our registration's TTL.
-                await asyncio.wait_for(self._register(), self.cfg.heartbeat_interval)
+                # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+                # cancellation that stops this loop, and drain would wait forever.)
+                async with asyncio.timeout(self.cfg.heartbeat_interval):
+                    await self._register()
             except Exception as exc:  # server away: keep trying, it reconnects
                 log.warning("heartbeat failed: %r", exc)
             self._load_dirty.set()
 
     async def _publish_load(self) -> None:
-        while True:
+        while not self._closed:
             await self._load_dirty.wait()
             self._load_dirty.clear()
             el = self.engine.load()
@@ -148,13 +167,13 @@ class Worker:
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
                         at=time.time())
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.bus.load_kv.put(self.worker_id, LOAD.encode(load)),
-                                       self.cfg.heartbeat_interval)
+                async with asyncio.timeout(self.cfg.heartbeat_interval):
+                    await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))
             await asyncio.sleep(0.05)  # at most 20 load updates a second
 
     async def _keep_alive(self) -> None:
         """Tell JetStream long requests are still being worked on."""
-        while True:
+        while not self._closed:
             await asyncio.sleep(WORK_ACK_WAIT / 3)
             for msg in list(self._running.values()):
                 with contextlib.suppress(Exception):

@@ -20,6 +20,12 @@ from dynamo_bus.roles import Roles
 FAST = dict(heartbeat_interval=0.2, worker_ttl=1.5, router_ack_wait=1.0, drain_timeout=10.0)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fetch the model once before any test starts (a first run downloads ~98 MB), so
+    the download never counts against one test's timeout."""
+    resolve_model(None, progress=True)
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> ModelDir:
     return resolve_model(None, progress=False)
