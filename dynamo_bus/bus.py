@@ -142,7 +142,8 @@ async def ensure_topology(js: JetStreamContext, names: Names,
     await _ensure_stream(js, js_api.StreamConfig(
         name=names.work_stream, subjects=[names.work_subjects],
         retention=js_api.RetentionPolicy.WORK_QUEUE, storage=js_api.StorageType.FILE,
-        max_age=cfg.request_timeout, duplicate_window=DEDUPE_WINDOW,
+        max_age=cfg.request_timeout,
+        duplicate_window=min(DEDUPE_WINDOW, cfg.request_timeout),  # may not exceed max age
     ))
     await ensure_consumer(js, names.request_stream, router_consumer_config(names, cfg))
     workers_kv = await _ensure_bucket(js, names.workers_bucket, cfg.worker_ttl)

@@ -298,3 +298,32 @@ async def test_serving_resumes_after_the_nats_server_restarts(stack, nats_server
         await asyncio.sleep(3 * s.cfg.worker_ttl)
         results = await asyncio.gather(*(_chat(http, s.base_url, i, 8) for i in range(20)))
     assert [r for r in results if r != (200, True, False)] == []
+
+
+async def test_a_worker_recreates_its_deleted_consumer(stack) -> None:
+    """An operator (or a router sweeping after a false alarm) deletes a worker's queue
+    consumer: the worker notices, re-creates it and the queued requests are served."""
+    s = await stack(workers=1)
+    worker = s.roles.workers[0]
+    names = Names(s.cfg.namespace)
+    await worker.bus.js.delete_consumer(names.work_stream,
+                                        names.worker_consumer(worker.worker_id))
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(_chat(http, s.base_url, i, 4) for i in range(5))), 30)
+    assert results == [(200, True, False)] * 5
+
+
+async def test_a_request_past_its_deadline_gets_a_504(stack) -> None:
+    s = await stack(workers=1, mock_speedup=0.05, request_timeout=1.0)
+    async with aiohttp.ClientSession() as http, http.post(
+            s.base_url + "/completions",
+            json={"model": MODEL, "prompt": "slow", "max_tokens": 500}) as resp:
+        err = (await resp.json())["error"]
+    assert resp.status == 504 and err["code"] == "timeout"
+    worker = s.roles.workers[0]
+    for _ in range(100):  # the timeout cancelled it at the worker too
+        if not worker._running:
+            break
+        await asyncio.sleep(0.05)
+    assert not worker._running
