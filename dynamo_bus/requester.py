@@ -58,6 +58,8 @@ class TokenStream:
         self._ready = asyncio.Event()
         self._next_index = 0
         self._deadline = asyncio.get_running_loop().time() + timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     @property
     def request_id(self) -> str:
@@ -93,21 +95,28 @@ class TokenStream:
                     self.finished = True
                 yield resp
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             self._requester._forget(self.request_id)
 
     async def _wait(self) -> None:
-        """Until something is pending, or the request's deadline. The deadline guards
-        only this wait, never the caller's code between chunks."""
+        """Until something is pending, or the request's deadline (one timer for the
+        whole request, armed on first use; it guards only this wait, never the
+        caller's code between chunks)."""
         if self._pending:
             return
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                while not self._pending:
-                    self._ready.clear()
-                    await self._ready.wait()
-        except TimeoutError:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+        while not self._pending and not self._timed_out:
+            self._ready.clear()
+            await self._ready.wait()
+        if not self._pending:
             await self.cancel("timed out")
-            raise RequestTimeout("request timed out") from None
+            raise RequestTimeout("request timed out")
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self._ready.set()
 
     def _take(self) -> Response:
         """The next response, with the chunks already waiting behind it folded in: a
