@@ -10,7 +10,6 @@ on the bus, so the worker stops generating.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,11 +59,14 @@ async def _errors(request: web.Request,
         return _error_response(DynamoBusError("internal server error"))
 
 
+_json_decode = msgspec.json.Decoder()
+
+
 async def _body(request: web.Request) -> Any:
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return _json_decode.decode(raw)
+    except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
 
 
