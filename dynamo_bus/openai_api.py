@@ -103,8 +103,8 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
         if body.get(key) is not None:
             parsed.max_tokens = int(_number(body, key, 0, 1, 2**31, integer=True))
             break
-    n = _number(body, "n", 1, 1, 1, integer=True)
-    del n  # only n=1 is served; the bound above says so
+    if body.get("n", 1) not in (1, None):
+        raise _bad("n", f"only n=1 is supported, got {body['n']!r}")
     s = parsed.sampling
     s.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     s.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
