@@ -72,10 +72,6 @@ class PullConsumer:
         self._empty = asyncio.Event()  # a no_wait pull found nothing
         self._pull_ended = asyncio.Event()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
         self._fetching = True
