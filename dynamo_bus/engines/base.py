@@ -38,7 +38,11 @@ class EngineOutput(msgspec.Struct):
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
+    # With ``sampling.logprobs`` set (k >= 0): the log-probability of each token in
+    # ``token_ids`` under the model's raw distribution, and per token the k most likely
+    # (token id, log-probability) pairs, most likely first.
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class EngineLoad(msgspec.Struct):

@@ -1,0 +1,379 @@
+"""Continuous batching over a paged KV block pool, shared by the engines that compute
+tokens themselves (``reference``) or pretend to (``mock``).
+
+:class:`BatchingEngine` owns one scheduler task (started in ``start()``, cancelled in
+``stop()``) that runs steps in the style of vLLM v1:
+
+* running requests are served first, oldest first: one token each for those decoding,
+  a chunk of the prompt for those still prefilling (chunked prefill under
+  ``max_num_batched_tokens``);
+* waiting requests are then admitted in arrival order while ``max_num_seqs`` and the
+  pool allow; admission reuses cached prefix blocks (prefix caching keyed by the chained
+  block hashes of :mod:`dynamo_bus.hashing`);
+* when a decoding request needs a block and none is free, the newest running request is
+  preempted (its blocks freed; it re-prefills later, usually from the prefix cache).
+
+A subclass only says how a step is executed: :meth:`BatchingEngine._execute` gets the
+step's prefill chunks and decode tokens and returns one :class:`Sampled` token for every
+sequence that needs one. Requests join and leave between any two steps.
+
+Blocks and the step: the pool is touched only by the scheduler between steps, and a
+block freed by an abort during a step is handed out again only after that step ends,
+so a step's KV writes never land in another request's block.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dynamo_bus.engines.base import Engine, EngineLoad, EngineOutput, EngineRequest
+from dynamo_bus.engines.block_pool import BlockPool
+from dynamo_bus.errors import InvalidRequest, Overloaded, PromptTooLong
+from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
+from dynamo_bus.messages import Fingerprint, FinishReason, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+class Sampled(NamedTuple):
+    """One token chosen for a sequence, with its log-probabilities when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Seq:
+    """The scheduler's view of one request."""
+
+    request_id: str
+    tokens: list[int]            # prompt + generated tokens that need KV
+    hashes: list[int]            # sequence hashes of ``tokens`` when last hashed
+    sampling: SamplingOptions
+    stop_ids: frozenset[int]
+    state: Any = None            # the executing engine's own per-request state
+    num_prompt: int = 0
+    num_computed: int = 0        # tokens whose KV is computed
+    num_in_pool: int = 0         # tokens holding a slot in the pool
+    prefill_target: int = 0      # len(tokens) at the last admission; 0 before the first
+    num_output: int = 0
+    cached_tokens: int = 0
+    running: bool = False
+    finish: FinishReason | None = None
+    pending: list[int] = field(default_factory=list)
+    pending_logprobs: list[float] = field(default_factory=list)
+    pending_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prefill_target
+
+
+class BatchingEngine(Engine):
+    """An engine whose steps the shared scheduler plans; see the module docstring."""
+
+    def __init__(self, model: str, *, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
+                 context_length: int = 8192, block_size: int = 16, num_blocks: int = 16384,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192) -> None:
+        if min(context_length, block_size, num_blocks, max_num_seqs,
+               max_num_batched_tokens, vocab_size) < 1:
+            raise ValueError("sizes must be positive")
+        self.model = model
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_preemptions = 0
+        self._context_length = context_length
+        self._pool: BlockPool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+        self._requests: dict[str, Seq] = {}
+        self._waiting: deque[Seq] = deque()
+        self._running: dict[str, Seq] = {}  # admission order: the last is preempted first
+        self._closed: str | None = None     # why new requests are refused
+
+    # -- what a subclass provides -----------------------------------------------------
+
+    async def _load(self) -> None:
+        """Load weights / allocate device memory; runs once, in ``start()``."""
+
+    async def _unload(self) -> None:
+        """Release what ``_load`` took; runs once, in ``stop()``."""
+
+    def _prepare(self, seq: Seq, request: EngineRequest) -> None:
+        """Set ``seq.state`` for a request that passed validation."""
+
+    def _release(self, seq: Seq) -> None:
+        """A request finished (any reason): drop its ``seq.state``."""
+
+    def _on_idle_wakeup(self) -> None:
+        """The scheduler had nothing to run and now has."""
+
+    @abc.abstractmethod
+    async def _execute(self, prefills: list[tuple[Seq, int]],
+                       decodes: list[Seq]) -> list[Sampled | None]:
+        """Run one step: the next ``n`` prompt tokens of each prefill, the last token of
+        each decode. Returns, aligned with ``prefills + decodes``, the next token of
+        every sequence whose prompt is now complete (all decodes, and prefills whose
+        chunk ends the prompt) and ``None`` for the other prefill chunks.
+
+        Everything that depends on the pool must be read before the first ``await``:
+        an abort may free a sequence's blocks while the step runs."""
+
+    # -- Engine interface -------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(model=self.model, block_size=self.block_size,
+                           hash_scheme=HASH_SCHEME)
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    async def start(self) -> None:
+        if self._closed is not None:
+            raise RuntimeError(f"a stopped engine cannot start again ({self._closed})")
+        if self._task is not None:
+            return
+        await self._load()
+        self._pool = BlockPool(self.num_blocks, self.block_size)
+        self._task = asyncio.create_task(self._run(), name=f"{self.name}-engine-{self.model}")
+
+    async def stop(self) -> None:
+        if self._closed is None:
+            self._closed = "engine stopped"
+        for seq in list(self._requests.values()):
+            self._finish(seq, "cancelled")
+        task, self._task = self._task, None
+        if task is not None:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+            await self._unload()
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._requests.get(request_id)
+        if seq is not None:
+            self._finish(seq, "cancelled")
+
+    def load(self) -> EngineLoad:
+        pool = self._pool
+        prefill = sum(s.prefill_target - s.num_computed for s in self._running.values()
+                      if s.prefilling)
+        prefill += sum(len(s.tokens) for s in self._waiting)
+        return EngineLoad(active_requests=len(self._running),
+                          waiting_requests=len(self._waiting),
+                          active_prefill_tokens=prefill,
+                          active_blocks=pool.num_active if pool else 0,
+                          total_blocks=self.num_blocks)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        seq = self._accept(request)
+        self._requests[seq.request_id] = seq
+        self._waiting.append(seq)
+        self._wakeup.set()
+        with_lp = request.sampling.logprobs is not None
+        first = True
+        try:
+            while True:
+                await seq.event.wait()
+                seq.event.clear()
+                finish = seq.finish
+                out = EngineOutput(token_ids=seq.pending, finish_reason=finish,
+                                   cached_tokens=seq.cached_tokens if first else 0,
+                                   logprobs=seq.pending_logprobs if with_lp else None,
+                                   top_logprobs=seq.pending_top if with_lp else None)
+                seq.pending, seq.pending_logprobs, seq.pending_top = [], [], []
+                first = False
+                yield out
+                if finish is not None:
+                    return
+        finally:
+            # aclose() or cancellation of the reader: the lifecycle says that aborts.
+            if seq.finish is None:
+                self._finish(seq, "cancelled")
+
+    @property
+    def pool(self) -> BlockPool:
+        if self._pool is None:
+            raise RuntimeError("the engine is not started")
+        return self._pool
+
+    # -- admission checks -------------------------------------------------------------
+
+    def _accept(self, request: EngineRequest) -> Seq:
+        if self._closed is not None or self._task is None:
+            raise Overloaded(f"{self.name} engine is not serving: "
+                             f"{self._closed or 'not started'}", code="engine_stopped")
+        rid, prompt, sampling = request.request_id, request.token_ids, request.sampling
+        if rid in self._requests:
+            raise InvalidRequest(f"request id {rid!r} is already running", param="request_id")
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if sampling.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        arr = np.asarray(prompt)  # an object array if some id is beyond int64
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="prompt")
+        total = len(prompt) + sampling.max_tokens
+        if len(prompt) >= self._context_length or total > self._context_length:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self._context_length} tokens; "
+                f"the request has {len(prompt)} prompt tokens and asks for "
+                f"{sampling.max_tokens} more",
+                param="prompt" if len(prompt) >= self._context_length else "max_tokens")
+        if -(-total // self.block_size) > self.num_blocks:
+            raise InvalidRequest(
+                f"the request needs {-(-total // self.block_size)} KV blocks; this engine "
+                f"has {self.num_blocks} in all", code="kv_cache_too_small")
+        stop_ids = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        seq = Seq(rid, list(prompt), sequence_hashes(arr, self.block_size), sampling,
+                  frozenset(stop_ids), num_prompt=len(prompt))
+        self._prepare(seq, request)
+        return seq
+
+    # -- scheduler --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                prefills, decodes = self._schedule()
+                if not prefills and not decodes:
+                    self._wakeup.clear()  # nothing can run until a request or abort comes
+                    await self._wakeup.wait()
+                    self._on_idle_wakeup()
+                    continue
+                results = await self._execute(prefills, decodes)
+                self._complete(prefills, decodes, results)
+        except Exception:
+            log.exception("%s engine scheduler failed; failing every request", self.name)
+            self._closed = "scheduler failed"
+            for seq in list(self._requests.values()):
+                self._finish(seq, "error")
+
+    def _schedule(self) -> tuple[list[tuple[Seq, int]], list[Seq]]:
+        budget = self.max_num_batched_tokens
+        prefills: list[tuple[Seq, int]] = []
+        decodes: list[Seq] = []
+        for seq in list(self._running.values()):
+            if budget == 0:
+                break
+            if not seq.running:  # preempted earlier in this loop
+                continue
+            if seq.prefilling:
+                n = min(seq.prefill_target - seq.num_computed, budget)
+                prefills.append((seq, n))
+                budget -= n
+            elif self._grow(seq):
+                decodes.append(seq)
+                budget -= 1
+        while (self._waiting and budget > 0 and len(self._running) < self.max_num_seqs
+               and self._admit(self._waiting[0])):
+            seq = self._waiting.popleft()
+            n = min(seq.prefill_target - seq.num_computed, budget)
+            prefills.append((seq, n))
+            budget -= n
+        return prefills, decodes
+
+    def _grow(self, seq: Seq) -> bool:
+        """Give the sequence's newest token a slot, preempting the newest requests for
+        it if needed; False when ``seq`` itself was preempted."""
+        pool = self.pool
+        while not pool.may_append(seq.request_id):
+            victim = self._running[next(reversed(self._running))]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        pool.append_token(seq.request_id, seq.tokens[-1])
+        seq.num_in_pool += 1
+        return True
+
+    def _preempt(self, seq: Seq) -> None:
+        self.pool.free(seq.request_id)
+        del self._running[seq.request_id]
+        seq.running = False
+        seq.num_computed = seq.num_in_pool = 0
+        self._waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _admit(self, seq: Seq) -> bool:
+        pool = self.pool
+        if len(seq.hashes) != len(seq.tokens) // self.block_size:
+            seq.hashes = sequence_hashes(seq.tokens, self.block_size)  # grew before preemption
+        if not pool.can_allocate(pool.num_blocks_needed(len(seq.tokens), seq.hashes)):
+            return False
+        _, cached = pool.allocate(seq.request_id, seq.tokens, hashes=seq.hashes)
+        if seq.prefill_target == 0:  # first admission: what the user is told was cached
+            seq.cached_tokens = cached
+        seq.num_computed = cached
+        seq.num_in_pool = seq.prefill_target = len(seq.tokens)
+        seq.running = True
+        self._running[seq.request_id] = seq
+        return True
+
+    def _complete(self, prefills: list[tuple[Seq, int]], decodes: list[Seq],
+                  results: list[Sampled | None]) -> None:
+        pool = self.pool
+        for (seq, n), sampled in zip(prefills, results, strict=False):
+            if not seq.running:  # aborted while the step ran
+                continue
+            seq.num_computed += n
+            pool.mark_computed(seq.request_id, seq.num_computed)
+            if seq.num_computed == seq.prefill_target:
+                if sampled is None:
+                    raise RuntimeError(f"{self.name}: no token for a completed prefill")
+                self._emit(seq, sampled)
+        for seq, sampled in zip(decodes, results[len(prefills):], strict=True):
+            if seq.running:
+                seq.num_computed += 1
+                if sampled is None:
+                    raise RuntimeError(f"{self.name}: no token for a decode")
+                self._emit(seq, sampled)
+
+    def _emit(self, seq: Seq, sampled: Sampled) -> None:
+        token = sampled.token
+        seq.num_output += 1
+        seq.pending.append(token)
+        if seq.sampling.logprobs is not None:
+            seq.pending_logprobs.append(sampled.logprob if sampled.logprob is not None
+                                        else 0.0)
+            seq.pending_top.append(sampled.top or [])
+        if token in seq.stop_ids:
+            self._finish(seq, "stop")
+        elif seq.num_output == seq.sampling.max_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.tokens.append(token)
+            seq.event.set()
+
+    def _finish(self, seq: Seq, reason: FinishReason) -> None:
+        """End a request wherever it is; the pool gets every block back."""
+        if seq.finish is not None:
+            return
+        if seq.running:
+            self.pool.free(seq.request_id)
+            del self._running[seq.request_id]
+            seq.running = False
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        self._requests.pop(seq.request_id, None)
+        seq.finish = reason
+        self._release(seq)
+        seq.event.set()
+        self._wakeup.set()  # freed blocks may let a stalled scheduler go on
