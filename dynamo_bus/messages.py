@@ -82,7 +82,12 @@ class Usage(msgspec.Struct, omit_defaults=True):
 
 class Chunk(msgspec.Struct, tag="chunk", tag_field="type", omit_defaults=True):
     """New tokens of one request. ``index`` is the position of the first token in the
-    output, so a reader drops anything it has already seen after a redelivery."""
+    output, so a reader drops anything it has already seen after a redelivery.
+
+    With ``sampling.logprobs`` set, ``logprobs`` has one log-probability per token in
+    ``token_ids`` and ``top_logprobs`` per token the k most likely ``[token id,
+    log-probability]`` pairs, most likely first; both are absent otherwise.
+    """
 
     request_id: str
     index: int
@@ -92,6 +97,7 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", omit_defaults=True):
     usage: Usage | None = None
     logprobs: list[float] | None = None
     v: int = 1
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):

@@ -4,11 +4,18 @@ Validation names the offending field (OpenAI's ``param``) so a client sees exact
 what to fix. Unknown fields are ignored, as OpenAI-compatible servers do, because
 clients send fields this server has no use for. Extensions: ``priority``,
 ``routing_strategy``, ``worker_id``, ``top_k``, ``ignore_eos``, ``stop_token_ids``.
+
+Log-probabilities: chat takes ``logprobs`` (boolean) and ``top_logprobs`` (0..20, only
+with ``logprobs``), legacy completions ``logprobs`` (0..20, as vLLM; OpenAI stops at
+5). Both become ``SamplingOptions.logprobs`` = k, the number of alternatives per token.
+Which tokens get an entry, and where, is the service's rule (``dynamo_bus.service``);
+this module only shapes the entries it is given (:class:`TokenLogprob`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
@@ -18,6 +25,9 @@ from dynamo_bus.messages import ROUTING_STRATEGIES, RoutingHints, SamplingOption
 
 Kind = Literal["chat", "completion"]
 _MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+# JSON has no -inf: a token the model rules out is reported as OpenAI and vLLM do.
+_MIN_LOGPROB = -9999.0
 
 
 class ParsedRequest(msgspec.Struct):
@@ -87,6 +97,24 @@ def _prompt(body: dict[str, Any]) -> tuple[str | None, list[int] | None]:
     raise _bad("prompt", "must be a string or an array of token ids (one prompt per request)")
 
 
+def _logprobs(body: dict[str, Any], kind: Kind) -> int | None:
+    """``SamplingOptions.logprobs`` for the request: None (not asked) or k >= 0."""
+    if kind == "completion":  # legacy: an integer, the number of alternatives
+        if body.get("logprobs") is None:
+            return None
+        return int(_number(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad("logprobs", f"must be a boolean, got {wanted!r}")
+    if body.get("top_logprobs") is None:
+        return 0 if wanted else None
+    top = int(_number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
+    if not wanted:
+        raise InvalidRequest("The 'top_logprobs' parameter is only allowed when 'logprobs' "
+                             "is true.", param="top_logprobs")
+    return top
+
+
 def parse_request(body: Any, kind: Kind) -> ParsedRequest:
     """Validate an OpenAI request body. Raises ``InvalidRequest`` naming the field."""
     if not isinstance(body, dict):
@@ -109,6 +137,7 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
     s.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     s.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     s.top_k = int(_number(body, "top_k", -1, -1, 2**31, integer=True))
+    s.logprobs = _logprobs(body, kind)
     seed = body.get("seed")
     if seed is not None:
         s.seed = int(_number(body, "seed", 0, -(2**63), 2**64 - 1, integer=True))
@@ -157,6 +186,60 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
 
 # -- responses -------------------------------------------------------------------------
 
+class TokenLogprob(msgspec.Struct):
+    """One generated token's entry: its id, log-probability, the k most likely
+    ``(id, log-probability)`` pairs, and where its text starts in the choice's text
+    (characters, counted from the start of the completion over the whole stream)."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+    offset: int
+
+
+# A token id's text decoded on its own, and its bytes (``Tokenizer.token_piece``).
+Pieces = Callable[[int], tuple[str, bytes]]
+
+
+def _lp(value: float | None) -> float | None:
+    return None if value is None else max(value, _MIN_LOGPROB)
+
+
+def chat_logprobs_body(entries: list[TokenLogprob], piece: Pieces) -> dict[str, Any]:
+    """``choices[].logprobs`` of a chat completion (or of one chunk of its stream)."""
+    content = []
+    for e in entries:
+        text, raw = piece(e.token_id)
+        top = []
+        for tid, lp in e.top:
+            t, b = piece(tid)
+            top.append({"token": t, "logprob": _lp(lp), "bytes": list(b)})
+        content.append({"token": text, "logprob": _lp(e.logprob), "bytes": list(raw),
+                        "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs_body(entries: list[TokenLogprob], piece: Pieces) -> dict[str, Any]:
+    """``choices[].logprobs`` of a legacy completion (or of one chunk of its stream).
+    ``text_offset`` indexes the completion's text; ``top_logprobs`` maps token text to
+    log-probability, so two alternatives with the same text keep the likelier one."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(piece(e.token_id)[0])
+        token_logprobs.append(_lp(e.logprob))
+        top: dict[str, float | None] = {}
+        for tid, lp in e.top:
+            top.setdefault(piece(tid)[0], _lp(lp))
+        tops.append(top)
+        offsets.append(e.offset)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def logprobs_body(kind: Kind, entries: list[TokenLogprob], piece: Pieces) -> dict[str, Any]:
+    return (chat_logprobs_body if kind == "chat" else completion_logprobs_body)(entries, piece)
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
@@ -165,20 +248,22 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 
 def chunk_body(kind: Kind, rid: str, model: str, created: int, text: str | None,
-               finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
-    """One streamed chunk; ``text=None`` with ``first`` gives the role-only opener."""
+               finish_reason: str | None, *, first: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk; ``text=None`` with ``first`` gives the role-only opener.
+    ``logprobs`` is the chunk's ``logprobs_body`` (None: not asked for)."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": finish_reason}
         return {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [choice]}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text or "", "logprobs": None,
+            "choices": [{"index": 0, "text": text or "", "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 
@@ -190,13 +275,15 @@ def usage_chunk_body(kind: Kind, rid: str, model: str, created: int,
 
 
 def full_body(kind: Kind, rid: str, model: str, created: int, text: str,
-              finish_reason: str, usage: Usage) -> dict[str, Any]:
+              finish_reason: str, usage: Usage,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if kind == "chat":
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": finish_reason}
+                                  "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model,
             "choices": [choice], "usage": usage_body(usage)}

@@ -89,6 +89,10 @@ class TokenStream:
                     if skip >= len(resp.token_ids) and resp.finish_reason is None:
                         continue
                     resp.token_ids = resp.token_ids[skip:]
+                    if resp.logprobs is not None:
+                        resp.logprobs = resp.logprobs[skip:]
+                    if resp.top_logprobs is not None:
+                        resp.top_logprobs = resp.top_logprobs[skip:]
                     resp.index = self._next_index
                 self._next_index = resp.index + len(resp.token_ids)
                 if resp.finish_reason is not None:
@@ -133,8 +137,11 @@ class TokenStream:
             resp.token_ids = resp.token_ids + nxt.token_ids
             resp.finish_reason, resp.usage = nxt.finish_reason, nxt.usage
             resp.worker_id = resp.worker_id or nxt.worker_id
-            if resp.logprobs is not None and nxt.logprobs is not None:
-                resp.logprobs = resp.logprobs + nxt.logprobs
+            # Per-token lists follow their tokens (a chunk without tokens has none).
+            if nxt.logprobs is not None:
+                resp.logprobs = (resp.logprobs or []) + nxt.logprobs
+            if nxt.top_logprobs is not None:
+                resp.top_logprobs = (resp.top_logprobs or []) + nxt.top_logprobs
         return resp
 
     async def cancel(self, reason: str = "client disconnected") -> None:

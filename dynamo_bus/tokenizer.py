@@ -40,6 +40,9 @@ class Tokenizer:
         self.special_tokens = special_tokens or {}
         # Compiled once: rendering runs per chat request.
         self._template = _compile_template(chat_template) if chat_template else None
+        self._pieces: dict[int, tuple[str, bytes]] = {}
+        self._byte_level = _is_byte_level(backend)
+        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     @classmethod
     def from_dir(cls, model_dir: ModelDir | Path) -> Tokenizer:
@@ -73,6 +76,27 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of ``ids``; incomplete UTF-8 comes out as U+FFFD."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token on its own, as OpenAI's logprobs show it: its text (special tokens
+        included) and its bytes. A byte-level BPE token that is part of a multi-byte
+        character has U+FFFD in its text and the raw bytes it stands for; other
+        tokenizers give the UTF-8 of the text. An id outside the vocabulary is ``""``."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self._piece(token_id)
+        return piece
+
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
+        if token_id in self._added:
+            content = self._added[token_id]
+            return content, content.encode()
+        text = self.backend.decode([token_id], skip_special_tokens=False)
+        if self._byte_level:
+            symbols = self.backend.id_to_token(token_id)
+            if symbols is not None and all(c in _BYTE_OF_SYMBOL for c in symbols):
+                return text, bytes(_BYTE_OF_SYMBOL[c] for c in symbols)
+        return text, text.encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:
@@ -156,6 +180,36 @@ def build_byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], special_i
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i in special_ids])
     return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character that stands
+    for it in a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_OF_SYMBOL = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(backend: tokenizers.Tokenizer) -> bool:
+    """Whether token strings are GPT-2 byte-level symbols (the decoder is ByteLevel)."""
+    decoder = backend.decoder
+    if decoder is None:
+        return False
+    try:
+        state = json.loads(decoder.__getstate__())
+    except Exception:  # a decoder that cannot say what it is: assume nothing
+        return False
+    if state.get("type") == "Sequence" and len(state.get("decoders", [])) == 1:
+        state = state["decoders"][0]
+    return bool(state.get("type") == "ByteLevel")
 
 
 def _pair(merge: str) -> tuple[str, str]:

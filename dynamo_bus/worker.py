@@ -216,7 +216,8 @@ class Worker:
         ereq = EngineRequest(request_id=rid, token_ids=req.token_ids, sampling=req.sampling)
         gen = self.engine.generate(ereq)
         held: list[int] = []  # tokens not sent yet (a non-streaming request)
-        held_lp: list[float] = []
+        held_lp: list[float] = []  # and their logprobs, when the request asked for them
+        held_top: list[list[tuple[int, float]]] = []
         if not req.stream:  # tell the requester who runs it, so it notices our death
             await nc.publish(req.reply_to, RESPONSE.encode(
                 Chunk(request_id=rid, index=0, token_ids=[], worker_id=self.worker_id)))
@@ -227,13 +228,16 @@ class Worker:
                 if not req.stream and out.finish_reason is None:
                     held += out.token_ids
                     held_lp += out.logprobs or []
+                    held_top += out.top_logprobs or []
                     continue
-                token_ids, logprobs = out.token_ids, out.logprobs
+                token_ids, logprobs, top = out.token_ids, out.logprobs, out.top_logprobs
                 if held:
                     token_ids, held = held + token_ids, []
                     logprobs, held_lp = (held_lp + (logprobs or [])) or None, []
+                    top, held_top = (held_top + (top or [])) or None, []
                 chunk = Chunk(request_id=rid, index=index, token_ids=token_ids,
-                              finish_reason=out.finish_reason, logprobs=logprobs)
+                              finish_reason=out.finish_reason, logprobs=logprobs,
+                              top_logprobs=top)
                 if index == 0:
                     chunk.worker_id = self.worker_id
                 index += len(token_ids)

@@ -31,6 +31,8 @@ SAMPLES = [
                       routing=RoutingHints(strategy="random"), priority=3, created_ns=7)),
     (RESPONSE, Chunk(request_id="r1", index=4, token_ids=[9, 8], worker_id="w",
                      finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=6))),
+    (RESPONSE, Chunk(request_id="r1", index=0, token_ids=[9, 8], logprobs=[-0.5, -1.25],
+                     top_logprobs=[[(9, -0.5), (7, -2.0)], [(8, -1.25), (1, -1.5)]])),
     (RESPONSE, Error(request_id="r1", status=503, message="no worker", code="no_worker")),
     (CANCEL, Cancel(request_id="r1")),
     (REGISTRATION, Registration(worker_id="w", model="m", fingerprint=Fingerprint("m", 16),
@@ -75,6 +77,22 @@ def test_old_reader_skips_fields_it_does_not_know() -> None:
     assert msgspec.json.decode(new, type=OldChunk) == OldChunk("a", 0, [1])
     future = msgspec.json.encode(FutureChunk("a", 0, [1], spec_decode_accepted=3))
     assert RESPONSE.decode(future).token_ids == [1]
+
+
+def test_top_logprobs_are_optional_on_the_wire() -> None:
+    # Absent unless asked for, so chunks without logprobs are as before.
+    plain = RESPONSE.encode(Chunk(request_id="a", index=0, token_ids=[1]))
+    assert b"logprobs" not in plain
+    # A reader built before top_logprobs existed still reads the tokens and logprobs.
+    new = RESPONSE.encode(Chunk(request_id="a", index=0, token_ids=[1], logprobs=[-0.5],
+                                top_logprobs=[[(1, -0.5), (2, -3.0)]]))
+    old = msgspec.json.decode(new, type=FutureChunk)
+    assert (old.token_ids, old.logprobs) == ([1], [-0.5])
+    # And this build reads what an older writer sent: no top_logprobs at all.
+    older = msgspec.json.encode(FutureChunk("a", 0, [1], logprobs=[-0.5]))
+    chunk = RESPONSE.decode(older)
+    assert isinstance(chunk, Chunk)
+    assert (chunk.logprobs, chunk.top_logprobs, chunk.v) == ([-0.5], None, 1)
 
 
 def test_a_newer_schema_version_is_refused_clearly() -> None:
