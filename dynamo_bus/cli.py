@@ -40,7 +40,7 @@ _HELP = {
     "router_mode": "default routing strategy: round_robin, random, least_loaded",
     "router_ack_wait": "seconds before a dead router's requests are redelivered",
     "router_max_inflight": "requests one router forwards at once",
-    "engine": "engine of the workers: mock",
+    "engine": "engine of the workers: reference (PyTorch) or mock (simulated)",
     "worker_id": "worker id (default: engine name + random suffix)",
     "workers": "number of workers this process runs",
     "frontend_process": "serve: run the HTTP frontend in a child process of its own, so "
@@ -51,7 +51,14 @@ _HELP = {
     "drain_timeout": "seconds a stopping worker waits for in-flight requests",
     "mock_speedup": "mock engine: divide simulated time by this",
     "block_size": "tokens per KV block",
-    "num_blocks": "KV blocks per worker (mock engine)",
+    "num_blocks": "KV blocks per worker; 0: mock 16384, reference sized by --kv-cache-gib",
+    "max_batched_tokens": "tokens one engine step computes at most (chunked prefill "
+                          "budget); 0: the engine's default (reference 1024, mock 8192)",
+    "dtype": "reference engine: auto, bfloat16 or float32 (auto: bfloat16 on CUDA and on "
+             "CPUs with native bfloat16, else float32)",
+    "device": "reference engine: auto, cpu, cuda or cuda:N",
+    "threads": "reference engine on CPU: PyTorch threads (0: every core this process may use)",
+    "kv_cache_gib": "reference engine: KV cache size in GiB when --num-blocks is 0",
     "log_level": "debug, info, warning or error",
 }
 

@@ -37,7 +37,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     router_ack_wait: float = 10.0        # a dead router's requests come back after this
     router_max_inflight: int = 512
     # worker
-    engine: str = "mock"
+    engine: str = "reference"
     worker_id: str | None = None
     workers: int = 1                     # aggregated workers started by `serve`
     frontend_process: bool = True        # serve: HTTP frontend in a child process
@@ -45,10 +45,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval: float = 1.0
     worker_ttl: float = 5.0              # registration expires this long after a heartbeat
     drain_timeout: float = 30.0
-    # mock engine
-    mock_speedup: float = 1.0
+    # engines
     block_size: int = 16
-    num_blocks: int = 16384
+    num_blocks: int = 0                  # 0: mock 16384; reference sized by kv_cache_gib
+    max_batched_tokens: int = 0          # chunked-prefill budget; 0: the engine's default
+    mock_speedup: float = 1.0
+    dtype: str = "auto"                  # reference: auto, bfloat16, float32
+    device: str = "auto"                 # reference: auto, cpu, cuda, cuda:N
+    threads: int = 0                     # reference on CPU: torch threads; 0: every core
+    kv_cache_gib: float = 1.0            # reference: KV cache size when num_blocks is 0
     # logging
     log_level: str = "info"
 

@@ -31,6 +31,21 @@ def model_dir() -> ModelDir:
     return resolve_model(None, progress=False)
 
 
+@pytest.fixture(scope="session")
+def fp32_dir(model_dir: ModelDir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the model directory with float32 weights (the GGUF dequantized exactly),
+    for comparisons with transformers; tests never write into the user's cache."""
+    import dataclasses
+    import shutil
+
+    from dynamo_bus.weights import ensure_weights
+
+    dest = tmp_path_factory.mktemp("fp32") / "model"
+    shutil.copytree(model_dir.path, dest, ignore=shutil.ignore_patterns("model.safetensors*"))
+    ensure_weights(dataclasses.replace(model_dir, path=dest), "float32", progress=False)
+    return dest
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server = EmbeddedNats(tmp_path / "js", log_file=tmp_path / "nats.log")

@@ -16,11 +16,29 @@ def _mock(cfg: Config, model: ModelDir, name: str) -> Engine:
 
     return MockEngine(name, vocab_size=model.vocab_size, eos_token_ids=model.eos_token_ids,
                       context_length=model.context_length, block_size=cfg.block_size,
-                      num_blocks=cfg.num_blocks, max_num_seqs=cfg.max_concurrency,
+                      num_blocks=cfg.num_blocks or 16384, max_num_seqs=cfg.max_concurrency,
+                      max_num_batched_tokens=cfg.max_batched_tokens or 8192,
                       speedup=cfg.mock_speedup)
 
 
-ENGINES: dict[str, Callable[[Config, ModelDir, str], Engine]] = {"mock": _mock}
+def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
+    try:
+        from dynamo_bus.engines.reference.engine import ReferenceEngine
+    except ImportError as exc:
+        raise ConfigError(f"the reference engine needs PyTorch and safetensors ({exc}); "
+                          "pip install torch safetensors") from exc
+    try:
+        return ReferenceEngine(model, served_name=name, dtype=cfg.dtype, device=cfg.device,
+                               threads=cfg.threads, block_size=cfg.block_size,
+                               num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
+                               max_num_seqs=cfg.max_concurrency,
+                               max_num_batched_tokens=cfg.max_batched_tokens or 1024)
+    except (ValueError, NotImplementedError) as exc:
+        raise ConfigError(f"reference engine: {exc}") from exc
+
+
+ENGINES: dict[str, Callable[[Config, ModelDir, str], Engine]] = {
+    "reference": _reference, "mock": _mock}
 
 
 def make_engine(cfg: Config, model: ModelDir, name: str) -> Engine:

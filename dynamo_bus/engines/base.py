@@ -15,6 +15,13 @@ Lifecycle, in order:
 5. ``await stop()`` aborts everything still running and releases resources.
    Idempotent.
 
+KV blocks move between engines whole (the interface disaggregation uses):
+``await export_blocks(hashes)`` returns the longest prefix of those chained block hashes
+that the engine has computed, as :class:`KVBlocks` (the tensors, their hashes and their
+layout); ``await import_blocks(blocks)`` stores them as cached prefix blocks, so the next
+request with that prefix starts after it. An engine without a KV cache raises
+``NotImplementedError``.
+
 ``load()`` is cheap and synchronous: the worker publishes it to the load bucket.
 """
 
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -43,6 +52,32 @@ class EngineOutput(msgspec.Struct):
     # (token id, log-probability) pairs, most likely first.
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """How one block's KV is laid out: ``data`` of :class:`KVBlocks` is
+    ``[num_blocks, 2 (K, V), num_layers, block_size, num_kv_heads, head_dim]`` of ``dtype``
+    (a torch dtype name), the block's tokens in order, keys after RoPE."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+@dataclass
+class KVBlocks:
+    """Whole KV blocks leaving or entering an engine: ``hashes[i]`` is the chained
+    sequence hash (:mod:`dynamo_bus.hashing`) of the prefix that ends with block ``i``."""
+
+    layout: KVLayout
+    hashes: list[int]
+    data: Any  # a tensor (or array) of the layout's shape, on any device
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.hashes)
 
 
 class EngineLoad(msgspec.Struct):
@@ -82,3 +117,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> EngineLoad: ...
+
+    async def export_blocks(self, hashes: list[int]) -> KVBlocks:
+        """The longest computed prefix of ``hashes``; see the module docstring."""
+        raise NotImplementedError(f"the {self.name} engine does not export KV blocks")
+
+    async def import_blocks(self, blocks: KVBlocks) -> int:
+        """Store ``blocks`` as cached prefix blocks; returns how many were new here."""
+        raise NotImplementedError(f"the {self.name} engine does not import KV blocks")

@@ -164,6 +164,51 @@ class BlockPool:
         """The first ``num_tokens`` tokens of the request now have KV: cache full blocks."""
         self._index(self._seqs[request_id], num_tokens // self.block_size)
 
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's blocks, in order (the list itself: do not modify)."""
+        return self._seqs[request_id].block_ids
+
+    # -- moving whole blocks between engines ------------------------------------------
+
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """Blocks holding the longest computed prefix of ``hashes`` (active or cached)."""
+        found = []
+        for h in hashes:
+            block_id = self._by_hash.get(h)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def insert_cached(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """Take free blocks for the leading ``hashes`` this pool does not hold yet, as
+        many as are free without evicting a block named in ``hashes``, and make them
+        cached (findable, held by nobody): ``(index in hashes, block_id)`` pairs whose
+        contents the caller writes before the next step. Blocks for hashes already
+        held are kept as they are."""
+        wanted = set(hashes)
+        taken: list[tuple[int, int]] = []
+        for i, h in enumerate(hashes):
+            if h in self._by_hash:
+                continue
+            if not self._empty and not any(self._blocks[b].hash not in wanted
+                                           for b in self._cached):
+                break
+            if not self._empty:
+                # Evict the least recently used block that is not part of this prefix.
+                victim = next(b for b in self._cached if self._blocks[b].hash not in wanted)
+                self._cached.move_to_end(victim, last=False)
+            block_id = self._take_free()
+            block = self._blocks[block_id]
+            block.hash = h
+            self._by_hash[h] = block_id
+            taken.append((i, block_id))
+        # Held by nobody: cached, the tail nearest the LRU end as ``free`` leaves it.
+        for _, block_id in reversed(taken):
+            self._blocks[block_id].ref_count = 0
+            self._cached[block_id] = None
+        return taken
+
     # -- decode growth ----------------------------------------------------------------
 
     def may_append(self, request_id: str) -> bool:

@@ -34,7 +34,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dynamo_bus.engines.base import Engine, EngineLoad, EngineOutput, EngineRequest
+from dynamo_bus.engines.base import (
+    Engine,
+    EngineLoad,
+    EngineOutput,
+    EngineRequest,
+    KVBlocks,
+    KVLayout,
+)
 from dynamo_bus.engines.block_pool import BlockPool
 from dynamo_bus.errors import InvalidRequest, Overloaded, PromptTooLong
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
@@ -104,6 +111,7 @@ class BatchingEngine(Engine):
         self._waiting: deque[Seq] = deque()
         self._running: dict[str, Seq] = {}  # admission order: the last is preempted first
         self._closed: str | None = None     # why new requests are refused
+        self._step_lock = asyncio.Lock()    # held while a step runs
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -121,6 +129,17 @@ class BatchingEngine(Engine):
 
     def _on_idle_wakeup(self) -> None:
         """The scheduler had nothing to run and now has."""
+
+    def _kv_layout(self) -> KVLayout:
+        raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
+
+    def _read_blocks(self, block_ids: list[int]) -> Any:
+        """The KV of these blocks, in :class:`KVLayout` order (a copy)."""
+        raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
+
+    def _write_blocks(self, block_ids: list[int], data: Any) -> None:
+        """Store ``data`` (``[len(block_ids), ...]`` in layout order) into these blocks."""
+        raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
 
     @abc.abstractmethod
     async def _execute(self, prefills: list[tuple[Seq, int]],
@@ -213,6 +232,23 @@ class BatchingEngine(Engine):
             raise RuntimeError("the engine is not started")
         return self._pool
 
+    async def export_blocks(self, hashes: list[int]) -> KVBlocks:
+        layout = self._kv_layout()
+        async with self._step_lock:  # no step writes while the blocks are read
+            block_ids = self.pool.lookup(hashes)
+            data = self._read_blocks(block_ids)
+        return KVBlocks(layout, list(hashes[:len(block_ids)]), data)
+
+    async def import_blocks(self, blocks: KVBlocks) -> int:
+        layout = self._kv_layout()
+        if blocks.layout != layout:
+            raise ValueError(f"KV layout {blocks.layout} does not match this engine's {layout}")
+        async with self._step_lock:  # a block freed mid-step may still be written by it
+            taken = self.pool.insert_cached(blocks.hashes)
+            if taken:
+                self._write_blocks([b for _, b in taken], blocks.data[[i for i, _ in taken]])
+        return len(taken)
+
     # -- admission checks -------------------------------------------------------------
 
     def _accept(self, request: EngineRequest) -> Seq:
@@ -259,8 +295,9 @@ class BatchingEngine(Engine):
                     await self._wakeup.wait()
                     self._on_idle_wakeup()
                     continue
-                results = await self._execute(prefills, decodes)
-                self._complete(prefills, decodes, results)
+                async with self._step_lock:
+                    results = await self._execute(prefills, decodes)
+                    self._complete(prefills, decodes, results)
         except Exception:
             log.exception("%s engine scheduler failed; failing every request", self.name)
             self._closed = "scheduler failed"

@@ -208,7 +208,8 @@ async def test_second_start_reuses_streams_and_buckets(stack) -> None:
 def _start_serve(model_dir, tmp_path) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynamo_bus.cli", "serve", "--http-port", "0", "--model",
-         str(model_dir.path), "--store-dir", str(tmp_path / "js"), "--mock-speedup", "1000"],
+         str(model_dir.path), "--store-dir", str(tmp_path / "js"), "--engine", "mock",
+         "--mock-speedup", "1000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env())
     assert proc.stdout is not None
     for raw in proc.stdout:

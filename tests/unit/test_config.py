@@ -14,7 +14,7 @@ def test_precedence(tmp_path) -> None:
     f.write_text('http_port = 1111\nworkers = 3\nnamespace = "file"\n')
     env = {"DYNAMO_BUS_HTTP_PORT": "2222", "DYNAMO_BUS_WORKERS": "5"}
     cfg = resolve({"http_port": 3333}, config_file=str(f), environ=env)
-    assert (cfg.http_port, cfg.workers, cfg.namespace, cfg.engine) == (3333, 5, "file", "mock")
+    assert (cfg.http_port, cfg.workers, cfg.namespace, cfg.engine) == (3333, 5, "file", "reference")
 
 
 def test_bad_value_names_flag_and_env() -> None:

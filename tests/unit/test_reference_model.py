@@ -3,9 +3,7 @@ token for token, and chunked prefill, batching and scattered blocks change no lo
 
 from __future__ import annotations
 
-import dataclasses
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dynamo_bus.engines.reference.model import CausalLM, ForwardBatch, KVCache  # noqa: E402
-from dynamo_bus.modeldir import ModelDir  # noqa: E402
-from dynamo_bus.weights import ensure_weights  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a small village by the sea, there lived"]
@@ -31,15 +27,6 @@ LONG = ("The history of the printing press begins in the fifteenth century, when
 @pytest.fixture(scope="module", autouse=True)
 def _threads() -> None:
     torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def fp32_dir(model_dir: ModelDir, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A float32 copy of the model directory, so tests never write into the user's cache."""
-    dest = tmp_path_factory.mktemp("reference") / "model"
-    shutil.copytree(model_dir.path, dest)
-    ensure_weights(dataclasses.replace(model_dir, path=dest), "float32", progress=False)
-    return dest
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 def _copy(model_dir: ModelDir, dest: Path) -> ModelDir:
     """A copy of the cached directory (config + tokenizer, no weights), so tests never write
     into the user's cache; the GGUF is shared, read-only."""
-    shutil.copytree(model_dir.path, dest)
+    shutil.copytree(model_dir.path, dest, ignore=shutil.ignore_patterns("model.safetensors*"))
     return dataclasses.replace(model_dir, path=dest)
 
 

@@ -108,6 +108,27 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class PackedLinear(nn.Module):
+    """A linear layer whose weight oneDNN has reordered once into its blocked layout, so
+    each call streams the weight without repacking it: on CPUs with native bfloat16
+    matmuls (AMX / AVX-512 BF16) this is the fast path for small decode batches."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    @staticmethod
+    def supported(dtype: torch.dtype, device: torch.device) -> bool:
+        return (device.type == "cpu" and dtype == torch.bfloat16
+                and torch.backends.mkldnn.is_available()
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -126,15 +147,24 @@ class ForwardBatch:
     """One forward's flat varlen batch: sequence ``i`` owns tokens
     ``query_starts[i]:query_starts[i] + query_lens[i]``, whose K/V go to ``slot_mapping``
     (``block_id * block_size + offset``) and which attend to the first ``context_lens[i]``
-    cached positions (the new ones included) through ``block_tables[i]``."""
+    cached positions (the new ones included) through its block table.
+
+    Attention runs in two groups: every single-token (decode) sequence together in one
+    batched call over K/V gathered block by block through ``decode_blocks`` (padded to
+    the longest context; ``decode_mask`` hides the padding, ``None`` when all contexts
+    are equally long), and each multi-token (prefill) sequence on its own."""
 
     input_ids: Tensor      # [T] int64
     positions: Tensor      # [T] int64
     slot_mapping: Tensor   # [T] int64
-    block_tables: Tensor   # [B, max_blocks] int64, padded with 0
     query_lens: list[int]
     context_lens: list[int]
     logits_indices: Tensor  # [N] int64 rows of the flat batch to compute logits for
+    decode_rows: Tensor | None   # [D] rows of the flat batch that decode; None: all, in order
+    decode_blocks: Tensor | None  # [D, blocks] block table of each decoding row, 0-padded
+    decode_width: int            # the longest decoding row's context
+    decode_mask: Tensor | None   # [D, 1, 1, width] bool, True where attended
+    prefills: list[tuple[int, int, int, Tensor]]  # (start, query_len, context_len, blocks)
 
     @property
     def query_starts(self) -> list[int]:
@@ -142,9 +172,11 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], block_size: int,
-              device: torch.device | str = "cpu") -> ForwardBatch:
+              device: torch.device | str = "cpu",
+              want_logits: Sequence[bool] | None = None) -> ForwardBatch:
         """From ``(new_token_ids, num_cached, block_table)`` per sequence: the new tokens
-        take positions ``num_cached, num_cached + 1, ...``; logits for each last token."""
+        take positions ``num_cached, num_cached + 1, ...``; logits for each last token
+        (only for the sequences ``want_logits`` marks, if given)."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -157,16 +189,33 @@ class ForwardBatch:
             positions.extend(range(start, end))
             slots.extend(table[p // block_size] * block_size + p % block_size
                          for p in range(start, end))
-        width = max(len(table) for _, _, table in seqs)
-        tables = [list(table) + [0] * (width - len(table)) for _, _, table in seqs]
         lens = [len(new) for new, _, _ in seqs]
-        last = [sum(lens[:i + 1]) - 1 for i in range(len(lens))]
+        ctxs = [start + n for (_, start, _), n in zip(seqs, lens, strict=True)]
+        starts = [0, *accumulate(lens[:-1])]
+        last = [s + n - 1 for s, n, w in zip(starts, lens, want_logits or [True] * len(lens),
+                                             strict=True) if w]
 
         def t(values: Any) -> Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        return cls(t(ids), t(positions), t(slots), t(tables), lens,
-                   [start + n for (_, start, _), n in zip(seqs, lens, strict=True)], t(last))
+        dec = [i for i, n in enumerate(lens) if n == 1]
+        decode_rows = decode_blocks = decode_mask = None
+        decode_width = 0
+        if dec:
+            decode_width = max(ctxs[i] for i in dec)
+            n_blocks = -(-decode_width // block_size)
+            tables = [list(seqs[i][2][:-(-ctxs[i] // block_size)]) for i in dec]
+            decode_blocks = t([tb + [0] * (n_blocks - len(tb)) for tb in tables])
+            # All rows in batch order (a pure decode step): no gather/scatter of rows.
+            decode_rows = None if dec == list(range(len(lens))) else t([starts[i] for i in dec])
+            if any(ctxs[i] != decode_width for i in dec):
+                offsets = torch.arange(decode_width, device=device)
+                dec_ctx = torch.tensor([ctxs[i] for i in dec], device=device)
+                decode_mask = (offsets[None, :] < dec_ctx[:, None])[:, None, None, :]
+        prefills = [(starts[i], lens[i], ctxs[i], t(list(seqs[i][2][:-(-ctxs[i] // block_size)])))
+                    for i in range(len(lens)) if lens[i] > 1]
+        return cls(t(ids), t(positions), t(slots), lens, ctxs, t(last),
+                   decode_rows, decode_blocks, decode_width, decode_mask, prefills)
 
 
 @dataclass
@@ -193,36 +242,51 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(h, q, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
+        self.q_size, self.kv_size = q, kv
+        # q, k and v in one matmul (the checkpoint's three weights are concatenated on load).
+        self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                 batch: ForwardBatch) -> Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, self.dim)
-        k = self.k_proj(x).view(n, self.kv_heads, self.dim)
-        v = self.v_proj(x).view(n, self.kv_heads, self.dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        qkv = self.qkv_proj(x)
+        # RoPE on q and k together: [n, heads + kv_heads, dim].
+        qk = qkv[:, :self.q_size + self.kv_size].reshape(n, self.heads + self.kv_heads, self.dim)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, :self.heads], qk[:, self.heads:]
+        v = qkv[:, self.q_size + self.kv_size:].reshape(n, self.kv_heads, self.dim)
         # Write first, then read back: a sequence's new tokens attend to themselves too.
-        block_size = k_cache.shape[1]
-        k_cache.view(-1, self.kv_heads, self.dim)[batch.slot_mapping] = k.to(k_cache.dtype)
-        v_cache.view(-1, self.kv_heads, self.dim)[batch.slot_mapping] = v.to(v_cache.dtype)
-        out = torch.empty_like(q)
-        # Correctness first: one SDPA call per sequence over its gathered, contiguous past.
-        for i, (start, qlen, ctx) in enumerate(zip(batch.query_starts, batch.query_lens,
-                                                   batch.context_lens, strict=True)):
-            blocks = batch.block_tables[i, :-(-ctx // block_size)]
+        k_cache.view(-1, self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
+                                                              k.to(k_cache.dtype))
+        v_cache.view(-1, self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
+                                                              v.to(v_cache.dtype))
+        if batch.decode_blocks is not None:
+            # Every decoding sequence in one call over its past, gathered block by block
+            # and padded to the longest; without padding no mask, as transformers.
+            rows = batch.decode_rows
+            n_dec, width = batch.decode_blocks.shape[0], batch.decode_width
+            ks = k_cache.index_select(0, batch.decode_blocks.view(-1)).view(
+                n_dec, -1, self.kv_heads, self.dim)[:, :width].transpose(1, 2)
+            vs = v_cache.index_select(0, batch.decode_blocks.view(-1)).view(
+                n_dec, -1, self.kv_heads, self.dim)[:, :width].transpose(1, 2)
+            qs = (q if rows is None else q[rows]).unsqueeze(2)  # [D, heads, 1, dim]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=batch.decode_mask,
+                                               enable_gqa=True).squeeze(2)
+            if rows is None:
+                return self.o_proj(o.reshape(n, self.heads * self.dim))
+            out = torch.empty_like(q)
+            out[rows] = o
+        else:
+            out = torch.empty_like(q)
+        for start, qlen, ctx, blocks in batch.prefills:
             ks = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             vs = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             qs = q[start:start + qlen].transpose(0, 1)
-            if qlen == 1 or qlen == ctx:
-                # No mask (decode) or a plain causal one (whole prompt): the same kernels
-                # transformers picks, so float32 results match it bit for bit.
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=qlen > 1,
-                                                   enable_gqa=True)
+            if qlen == ctx:
+                # A whole prompt: a plain causal mask, the kernel transformers picks, so
+                # float32 results match it bit for bit.
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
                 # A chunk after a cached prefix: query j sits at position ctx - qlen + j.
                 rows = torch.arange(ctx - qlen, ctx, device=x.device)[:, None]
@@ -238,12 +302,13 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b)
-        self.up_proj = nn.Linear(h, i, bias=b)
+        self.inter = i
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
         self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -270,35 +335,70 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def _fuse_projections(state: dict[str, Tensor], num_layers: int) -> None:
+    """Concatenate each layer's q/k/v and gate/up checkpoint weights (and biases) into the
+    fused projections, in place; tensors that are absent stay absent (reported later)."""
+    fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    for i in range(num_layers):
+        for target, parts in fused.items():
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{i}.{part}.{kind}" for part in parts]
+                if all(name in state for name in names):
+                    state[f"model.layers.{i}.{target}.{kind}"] = torch.cat(
+                        [state.pop(name) for name in names])
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self._inv_freq: Tensor | None = None
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @classmethod
     def from_dir(cls, path: Path | str, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> CausalLM:
-        """Load ``config.json`` and ``model.safetensors`` from an HF-format directory."""
+        """Load ``config.json`` and ``model.safetensors`` (or the shards its
+        ``model.safetensors.index.json`` lists) from an HF-format directory."""
         path = Path(path)
         cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text("utf-8")))
         # Build on the meta device so no memory is spent on weights about to be replaced.
         with torch.device("meta"):
             model = cls(cfg)
-        state = {name: tensor.to(dtype) for name, tensor in
-                 load_file(path / "model.safetensors", device=str(device)).items()}
+        index = path / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+                 if index.is_file() else ["model.safetensors"])
+        state = {name: tensor.to(dtype) for file in files
+                 for name, tensor in load_file(path / file, device=str(device)).items()}
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+        _fuse_projections(state, cfg.num_layers)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             missing.remove("lm_head.weight")
             model.lm_head.weight = model.model.embed_tokens.weight
         unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
         if missing or unexpected:
-            raise ValueError(f"{path / 'model.safetensors'} does not fit the config: missing "
+            raise ValueError(f"the weights in {path} do not fit its config: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]}")
         return model.eval()
+
+    def pack_linears(self, batch_hint: int = 8) -> int:
+        """Swap every linear layer for a :class:`PackedLinear` where that is supported
+        (bfloat16 on a CPU with native bfloat16 matmuls); returns how many were swapped.
+        The original weights are dropped, except the embedding an LM head is tied to."""
+        weight = self.model.embed_tokens.weight
+        if not PackedLinear.supported(weight.dtype, weight.device):
+            return 0
+        swapped = 0
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, PackedLinear(child, batch_hint))
+                    swapped += 1
+        return swapped
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
@@ -306,7 +406,9 @@ class CausalLM(nn.Module):
         rows ``batch.logits_indices``."""
         x = self.model.embed_tokens(batch.input_ids)
         # Rotary angles in float32 (as transformers), cast to the activations' dtype.
-        angles = batch.positions.float()[:, None] * rope_inv_freq(self.config, x.device)
+        if self._inv_freq is None or self._inv_freq.device != x.device:
+            self._inv_freq = rope_inv_freq(self.config, x.device)
+        angles = batch.positions.float()[:, None] * self._inv_freq
         emb = torch.cat((angles, angles), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer, k_cache, v_cache in zip(self.model.layers, kv.k, kv.v, strict=True):

@@ -1,0 +1,193 @@
+"""The reference engine: a Llama-family model in PyTorch on CPU or CUDA, run by the shared
+continuous-batching scheduler (:mod:`dynamo_bus.engines.scheduler`).
+
+Each step the scheduler's prefill chunks and decode tokens become one flat
+:class:`~dynamo_bus.engines.reference.model.ForwardBatch`; the forward and the sampling
+run on one dedicated thread (PyTorch releases the GIL inside its kernels, so the worker's
+event loop keeps streaming tokens meanwhile). The KV cache is paged in the block pool's
+blocks, so prefix caching, preemption and whole-block KV export/import work on the same
+block ids the scheduler hands out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from dynamo_bus.engines.base import EngineRequest, KVLayout
+from dynamo_bus.engines.reference.model import CausalLM, ForwardBatch, KVCache, ModelConfig
+from dynamo_bus.engines.reference.sampler import make_generator, sample
+from dynamo_bus.engines.scheduler import BatchingEngine, Sampled, Seq
+from dynamo_bus.modeldir import ModelDir
+from dynamo_bus.weights import ensure_weights
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_KV_CACHE_GIB = 1.0
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but PyTorch sees no CUDA device")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on CUDA and on CPUs with native bfloat16 matmuls, else float32."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
+
+
+class ReferenceEngine(BatchingEngine):
+    """See the module docstring. Built by the engine registry as ``--engine reference``."""
+
+    name = "reference"
+
+    def __init__(self, model_dir: ModelDir, *, served_name: str | None = None,
+                 dtype: str = "auto", device: str = "auto", threads: int = 0,
+                 block_size: int = 16, num_blocks: int = 0,
+                 kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 1024, seed: int | None = None) -> None:
+        self.device = pick_device(device)
+        self.dtype_name = pick_dtype(dtype, self.device)
+        self.dtype = DTYPES[self.dtype_name]
+        self.model_dir = model_dir
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.config = cfg = ModelConfig.from_dict(
+            json.loads((model_dir.path / "config.json").read_text("utf-8")))
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        if num_blocks <= 0:
+            num_blocks = max(1, int(kv_cache_gib * 2**30) // (per_token * block_size))
+        self.kv_bytes_per_token = per_token
+        super().__init__(served_name or model_dir.name, vocab_size=cfg.vocab_size,
+                         eos_token_ids=model_dir.eos_token_ids,
+                         context_length=model_dir.context_length, block_size=block_size,
+                         num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens)
+        self._seed = seed
+        self._model: CausalLM | None = None
+        self._kv: KVCache | None = None
+        self._shared_gen: torch.Generator | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- lifecycle hooks --------------------------------------------------------------
+
+    async def _load(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
+        started = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync)
+        log.info("reference engine: %s loaded in %.1f s (%s on %s, %d threads, %d KV blocks "
+                 "of %d tokens = %.2f GiB)", self.model, time.monotonic() - started,
+                 self.dtype_name, self.device, self.threads, self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_size * self.kv_bytes_per_token / 2**30)
+
+    def _load_sync(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        ensure_weights(self.model_dir, self.dtype_name, progress=True)
+        self._model = CausalLM.from_dir(self.model_dir.path, self.dtype, self.device)
+        self._model.pack_linears()
+        self._kv = KVCache.allocate(self._model.config, self.num_blocks, self.block_size,
+                                    self.dtype, self.device)
+        self._shared_gen = torch.Generator(device=self.device)
+        if self._seed is not None:
+            self._shared_gen.manual_seed(self._seed)
+        else:
+            self._shared_gen.seed()
+        # Warm up both attention paths so the first request pays no one-time setup; the
+        # blocks written here hold no hash, so nothing will ever read them as a prefix.
+        table = list(range(min(2, self.num_blocks)))
+        n = min(len(table) * self.block_size - 1, 8)
+        self._model(ForwardBatch.build([(list(range(1, n + 1)), 0, table)], self.block_size,
+                                       self.device), self._kv)
+        self._model(ForwardBatch.build([([1], n, table)], self.block_size, self.device), self._kv)
+
+    async def _unload(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True)
+        self._model = self._kv = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _prepare(self, seq: Seq, request: EngineRequest) -> None:
+        seq.state = make_generator(request.sampling.seed, self.device)
+
+    # -- a step -----------------------------------------------------------------------
+
+    async def _execute(self, prefills: list[tuple[Seq, int]],
+                       decodes: list[Seq]) -> list[Sampled | None]:
+        table = self.pool.block_table
+        entries: list[tuple[list[int], int, list[int]]] = []
+        want: list[bool] = []
+        for seq, n in prefills:
+            start = seq.num_computed
+            entries.append((seq.tokens[start:start + n], start, list(table(seq.request_id))))
+            want.append(start + n == seq.prefill_target)
+        for seq in decodes:
+            entries.append((seq.tokens[-1:], seq.num_computed, list(table(seq.request_id))))
+            want.append(True)
+        batch = ForwardBatch.build(entries, self.block_size, self.device, want)
+        sampled_seqs = [s for (s, _), w in zip(prefills, want, strict=False) if w] + decodes
+        options = [s.sampling for s in sampled_seqs]
+        gens = [s.state for s in sampled_seqs]
+        loop = asyncio.get_running_loop()
+        tokens = await loop.run_in_executor(self._executor, self._step, batch, options, gens)
+        it = iter(tokens)
+        return [next(it) if w else None for w in want]
+
+    def _step(self, batch: ForwardBatch, options: list[Any], gens: list[Any]) -> list[Sampled]:
+        model, kv = self._model, self._kv
+        if model is None or kv is None:
+            raise RuntimeError("the reference engine is not loaded")
+        with torch.inference_mode():
+            logits = model(batch, kv)
+            if not options:
+                return []
+            return sample(logits, options, gens, self._shared_gen)
+
+    # -- KV blocks in and out ---------------------------------------------------------
+
+    def _kv_layout(self) -> KVLayout:
+        cfg = self.config
+        return KVLayout(num_layers=cfg.num_layers, block_size=self.block_size,
+                        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                        dtype=self.dtype_name)
+
+    def _read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        kv = self._cache()
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        k = torch.stack([layer.index_select(0, ids) for layer in kv.k], dim=1)
+        v = torch.stack([layer.index_select(0, ids) for layer in kv.v], dim=1)
+        return torch.stack([k, v], dim=1)  # [n, 2, layers, block_size, kv_heads, head_dim]
+
+    def _write_blocks(self, block_ids: list[int], data: Any) -> None:
+        kv = self._cache()
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        data = torch.as_tensor(data).to(self.device, self.dtype)
+        for layer, (k, v) in enumerate(zip(kv.k, kv.v, strict=True)):
+            k.index_copy_(0, ids, data[:, 0, layer])
+            v.index_copy_(0, ids, data[:, 1, layer])
+
+    def _cache(self) -> KVCache:
+        if self._kv is None:
+            raise RuntimeError("the reference engine is not started")
+        return self._kv
+

@@ -1,0 +1,97 @@
+"""Choosing the next token of every sequence in a step, from its float32 logits.
+
+Per row: temperature 0 is greedy (``argmax``, the first maximum, as transformers);
+otherwise the logits are divided by the temperature, cut to the ``top_k`` most likely
+tokens and then to the smallest set whose probability reaches ``top_p``, and a token is
+drawn with the exponential race (``argmax(p / E)``, ``E ~ Exp(1)``), which is an exact
+draw from ``p``. A request with a ``seed`` draws from its own generator, so its output
+depends on its seed and prompt only, never on what else shares the batch.
+
+Log-probabilities are those of the raw model distribution (before temperature and
+truncation), as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dynamo_bus.engines.scheduler import Sampled
+from dynamo_bus.messages import SamplingOptions
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A request's own generator when it has a seed (any 64-bit value, signed or not)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def _truncate(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Mask (to -inf) what falls outside each row's top-k and top-p sets."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    # Keep a token while the mass before it is below top_p: the first token always stays.
+    before = probs.cumsum(-1) - probs
+    drop |= before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: Tensor, options: Sequence[SamplingOptions],
+           generators: Sequence[torch.Generator | None],
+           shared: torch.Generator | None = None) -> list[Sampled]:
+    """One token per row of ``logits`` (``[N, vocab]``, float32)."""
+    n = logits.shape[0]
+    tokens = logits.argmax(-1)
+    rand_rows = [i for i, o in enumerate(options) if o.temperature >= GREEDY_BELOW]
+    if rand_rows:
+        idx = torch.tensor(rand_rows, device=logits.device)
+        sub = logits.index_select(0, idx)
+        temps = torch.tensor([options[i].temperature for i in rand_rows],
+                             device=logits.device, dtype=logits.dtype)
+        sub = sub / temps[:, None]
+        top_k = [options[i].top_k for i in rand_rows]
+        top_p = [options[i].top_p for i in rand_rows]
+        if any(0 < k < sub.shape[-1] for k in top_k) or any(p < 1.0 for p in top_p):
+            sub = _truncate(sub, torch.tensor(top_k, device=logits.device),
+                            torch.tensor(top_p, device=logits.device, dtype=logits.dtype))
+        probs = sub.softmax(-1)
+        race = torch.empty_like(probs)
+        unseeded = [j for j, i in enumerate(rand_rows) if generators[i] is None]
+        if unseeded:
+            race[unseeded] = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device,
+                                         dtype=probs.dtype).exponential_(generator=shared)
+        for j, i in enumerate(rand_rows):
+            g = generators[i]
+            if g is not None:
+                race[j].exponential_(generator=g)
+        tokens[idx] = (probs / race).argmax(-1)
+    token_list = tokens.tolist()
+    want = [o.logprobs for o in options]
+    if all(k is None for k in want):
+        return [Sampled(t) for t in token_list]
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    k_max = max(k or 0 for k in want)
+    top_vals, top_ids = (logprobs.topk(k_max, dim=-1) if k_max else (None, None))
+    out = []
+    for i in range(n):
+        k = want[i]
+        if k is None:
+            out.append(Sampled(token_list[i]))
+            continue
+        top = ([] if not k or top_ids is None or top_vals is None else
+               list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist(), strict=True)))
+        out.append(Sampled(token_list[i], chosen[i], top))
+    return out
