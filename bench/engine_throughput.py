@@ -203,10 +203,11 @@ def _child(system: str, a: argparse.Namespace, model: Path, dtype: str) -> dict[
     print(f"engine_throughput: {system} {dtype} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    # The child prints one JSON document (perhaps indented) after anything else.
+    start = proc.stdout.find("\n{") + 1 if not proc.stdout.startswith("{") else 0
     try:
-        res = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
+        res, _ = json.JSONDecoder().raw_decode(proc.stdout[start:])
+    except json.JSONDecodeError:
         res = {"system": system, "error": f"exit {proc.returncode}, no JSON"}
     res["wall_s"] = round(time.perf_counter() - started, 1)
     return res

@@ -252,6 +252,7 @@ async def _phase(
     max_tokens,
     stream,
     cap_s,
+    extra_body=None,
 ) -> tuple[list[ReqResult], float, bool]:
     next_i = 0
     results: list[ReqResult] = []
@@ -274,6 +275,7 @@ async def _phase(
             }
             if stream:
                 body["stream_options"] = {"include_usage": True}
+            body.update(extra_body or {})
             results.append(await _one(session, url, body, stream))
 
     t0 = time.perf_counter()
@@ -295,6 +297,7 @@ async def run_load(
     request_timeout_s: float = 60.0,
     cpu_probe: Callable[[], float] | None = None,
     machine_busy_s: Callable[[], float] | None = None,
+    extra_body: dict | None = None,
 ) -> LoadResult:
     """Warm up (unmeasured), then send ``requests`` requests at ``concurrency``.
     ``cpu_probe`` (optional) returns the server's cumulative CPU seconds; it is read
@@ -315,12 +318,13 @@ async def run_load(
                 max_tokens,
                 stream,
                 cap_s,
+                extra_body,
             )
         srv0 = cpu_probe() if cpu_probe else 0.0
         busy0 = machine_busy_s() if machine_busy_s else 0.0
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         res, wall, capped = await _phase(
-            s, url, model, prompts, requests, concurrency, max_tokens, stream, cap_s
+            s, url, model, prompts, requests, concurrency, max_tokens, stream, cap_s, extra_body
         )
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         srv1 = cpu_probe() if cpu_probe else 0.0

@@ -44,6 +44,7 @@ def ensure_weights(model_dir: ModelDir, dtype: str = "bfloat16", *,
                    progress: bool = False) -> Path:
     """Return the path of ``model_dir``'s ``model.safetensors``, writing it from the GGUF
     (``model_dir.gguf_path``) first unless a complete file of ``dtype`` is already there.
+    A directory without a GGUF keeps its own weights (for shards: their index's path).
 
     ``dtype`` is ``"bfloat16"`` (round-to-nearest-even, as torch's ``.to(torch.bfloat16)``)
     or ``"float32"`` (the dequantized values exactly). Safe to call concurrently: each writer
@@ -55,8 +56,10 @@ def ensure_weights(model_dir: ModelDir, dtype: str = "bfloat16", *,
     target = model_dir.path / WEIGHTS_FILE
     gguf_path = model_dir.gguf_path
     if gguf_path is None:
-        if target.is_file():
-            return target  # a plain HF directory: its weights are whatever it shipped
+        index = model_dir.path / f"{WEIGHTS_FILE}.index.json"
+        if target.is_file() or index.is_file():
+            # A plain HF directory: its weights (one file or shards) are what it shipped.
+            return target if target.is_file() else index
         raise ModelUnavailable(f"{str(model_dir.path)!r} has no {WEIGHTS_FILE} and no GGUF to "
                                f"build one from.", param="model")
     source = _source_id(gguf_path)

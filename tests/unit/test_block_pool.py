@@ -200,3 +200,31 @@ def test_random_workload_keeps_exact_accounting() -> None:
         pool.free(rid)
     assert pool.num_active == 0 and pool.num_free == 64
     assert all(b.ref_count == 0 for b in pool._blocks)
+
+
+def test_imported_blocks_are_found_by_the_next_request_and_evicted_last_to_first() -> None:
+    pool = BlockPool(num_blocks=6, block_size=4)
+    tokens = prompt(0, 17)  # 4 full blocks
+    hashes = sequence_hashes(tokens, 4)
+    taken = pool.insert_cached(hashes)
+    assert [i for i, _ in taken] == [0, 1, 2, 3]
+    assert pool.num_cached == 4 and pool.num_active == 0
+    assert pool.lookup(hashes) == [b for _, b in taken]
+    assert pool.insert_cached(hashes) == []  # already held: nothing new
+    blocks, cached = pool.allocate("r", tokens)
+    assert cached == 16 and blocks[:4] == [b for _, b in taken]
+    pool.free("r")
+    assert_balanced(pool)
+    # Under pressure the tail of an imported prefix goes before its head.
+    pool.allocate("x", prompt(100, 12))  # 3 blocks: 2 empty + 1 evicted
+    assert pool.lookup(hashes) == [b for _, b in taken][:3]
+    assert_balanced(pool)
+
+
+def test_import_never_evicts_its_own_prefix() -> None:
+    pool = BlockPool(num_blocks=3, block_size=4)
+    hashes = sequence_hashes(prompt(0, 20), 4)  # 5 blocks, room for 3
+    taken = pool.insert_cached(hashes)
+    assert [i for i, _ in taken] == [0, 1, 2]
+    assert pool.lookup(hashes) == [b for _, b in taken]
+    assert_balanced(pool)

@@ -158,3 +158,19 @@ def test_unknown_rope_scaling_is_refused(tmp_path: Path) -> None:
                                                       '"rope_type": "yarn", "factor": 4.0'))
     with pytest.raises(NotImplementedError, match="yarn"):
         CausalLM.from_dir(tmp_path)
+
+
+def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
+    """A directory saved in several safetensors shards (with its index) loads whole."""
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("llama", **TINY)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, TINY["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = hf(ids).logits[0, -1]
+    ours = CausalLM.from_dir(tmp_path, torch.float32)
+    kv = KVCache.allocate(ours.config, 8, BLOCK, torch.float32)
+    torch.testing.assert_close(_prefill(ours, ids[0].tolist(), _table(40), kv=kv), expected,
+                               atol=1e-4, rtol=1e-4)

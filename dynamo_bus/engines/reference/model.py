@@ -103,11 +103,6 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device) -> Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class PackedLinear(nn.Module):
     """A linear layer whose weight oneDNN has reordered once into its blocked layout, so
     each call streams the weight without repacking it: on CPUs with native bfloat16
@@ -250,12 +245,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                 batch: ForwardBatch) -> Tensor:
         n = x.shape[0]
-        qkv = self.qkv_proj(x)
-        # RoPE on q and k together: [n, heads + kv_heads, dim].
-        qk = qkv[:, :self.q_size + self.kv_size].reshape(n, self.heads + self.kv_heads, self.dim)
-        qk = qk * cos + _rotate_half(qk) * sin
+        qkv = self.qkv_proj(x).unflatten(1, (self.heads + 2 * self.kv_heads, self.dim))
+        # RoPE on q and k together ([n, heads + kv_heads, dim]); sin carries the sign of
+        # rotate_half, so rotating is one roll: x * cos + roll(x) * sin.
+        qk = qkv[:, :self.heads + self.kv_heads]
+        half = self.dim // 2
+        qk = qk * cos + qk.roll(half, -1) * sin
         q, k = qk[:, :self.heads], qk[:, self.heads:]
-        v = qkv[:, self.q_size + self.kv_size:].reshape(n, self.kv_heads, self.dim)
+        v = qkv[:, self.heads + self.kv_heads:]
         # Write first, then read back: a sequence's new tokens attend to themselves too.
         k_cache.view(-1, self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
                                                               k.to(k_cache.dtype))
@@ -283,17 +280,18 @@ class Attention(nn.Module):
             ks = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             vs = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             qs = q[start:start + qlen].transpose(0, 1)
+            # 4-D, K/V repeated to every query head: what PyTorch's fused CPU kernel takes.
+            rep = self.heads // self.kv_heads
+            qs = qs[None]
+            ks, vs = ks.repeat_interleave(rep, 0)[None], vs.repeat_interleave(rep, 0)[None]
             if qlen == ctx:
-                # A whole prompt: a plain causal mask, the kernel transformers picks, so
-                # float32 results match it bit for bit.
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                # A whole prompt: a plain causal mask.
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0]
             else:
                 # A chunk after a cached prefix: query j sits at position ctx - qlen + j.
                 rows = torch.arange(ctx - qlen, ctx, device=x.device)[:, None]
                 mask = torch.arange(ctx, device=x.device)[None, :] <= rows
-                rep = self.heads // self.kv_heads
-                o = F.scaled_dot_product_attention(qs, ks.repeat_interleave(rep, 0),
-                                                   vs.repeat_interleave(rep, 0), attn_mask=mask)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)[0]
             out[start:start + qlen] = o.transpose(0, 1)
         return self.o_proj(out.reshape(n, self.heads * self.dim))
 
@@ -308,7 +306,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -402,8 +400,8 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
-        """Run the batch, writing its K/V into ``kv``; logits (float32) ``[N, vocab]`` for the
-        rows ``batch.logits_indices``."""
+        """Run the batch, writing its K/V into ``kv``; logits ``[N, vocab]`` (in the model's
+        dtype) for the rows ``batch.logits_indices``."""
         x = self.model.embed_tokens(batch.input_ids)
         # Rotary angles in float32 (as transformers), cast to the activations' dtype.
         if self._inv_freq is None or self._inv_freq.device != x.device:
@@ -411,7 +409,9 @@ class CausalLM(nn.Module):
         angles = batch.positions.float()[:, None] * self._inv_freq
         emb = torch.cat((angles, angles), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # rotate_half(x) * sin == roll(x, dim / 2) * signed_sin: first half negated.
+        sin = torch.cat((-sin[..., :sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)
         for layer, k_cache, v_cache in zip(self.model.layers, kv.k, kv.v, strict=True):
             x = layer(x, cos, sin, k_cache, v_cache, batch)
         x = self.model.norm(x[batch.logits_indices])
-        return self.lm_head(x).float()
+        return self.lm_head(x)

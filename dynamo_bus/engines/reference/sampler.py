@@ -51,21 +51,22 @@ def _truncate(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 def sample(logits: Tensor, options: Sequence[SamplingOptions],
            generators: Sequence[torch.Generator | None],
            shared: torch.Generator | None = None) -> list[Sampled]:
-    """One token per row of ``logits`` (``[N, vocab]``, float32)."""
+    """One token per row of ``logits`` (``[N, vocab]``, any float dtype: greedy rows take
+    the argmax as is, which widening to float32 would not change; the rest is float32)."""
     n = logits.shape[0]
     tokens = logits.argmax(-1)
     rand_rows = [i for i, o in enumerate(options) if o.temperature >= GREEDY_BELOW]
     if rand_rows:
         idx = torch.tensor(rand_rows, device=logits.device)
-        sub = logits.index_select(0, idx)
+        sub = logits.index_select(0, idx).float()
         temps = torch.tensor([options[i].temperature for i in rand_rows],
-                             device=logits.device, dtype=logits.dtype)
+                             device=logits.device, dtype=torch.float32)
         sub = sub / temps[:, None]
         top_k = [options[i].top_k for i in rand_rows]
         top_p = [options[i].top_p for i in rand_rows]
         if any(0 < k < sub.shape[-1] for k in top_k) or any(p < 1.0 for p in top_p):
             sub = _truncate(sub, torch.tensor(top_k, device=logits.device),
-                            torch.tensor(top_p, device=logits.device, dtype=logits.dtype))
+                            torch.tensor(top_p, device=logits.device, dtype=torch.float32))
         probs = sub.softmax(-1)
         race = torch.empty_like(probs)
         unseeded = [j for j, i in enumerate(rand_rows) if generators[i] is None]
@@ -81,7 +82,7 @@ def sample(logits: Tensor, options: Sequence[SamplingOptions],
     want = [o.logprobs for o in options]
     if all(k is None for k in want):
         return [Sampled(t) for t in token_list]
-    logprobs = logits.log_softmax(-1)
+    logprobs = logits.float().log_softmax(-1)
     chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
     k_max = max(k or 0 for k in want)
     top_vals, top_ids = (logprobs.topk(k_max, dim=-1) if k_max else (None, None))
