@@ -63,6 +63,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-name", default="engine_throughput")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render the markdown from bench/results/<out-name>.json")
     return p.parse_args(argv)
 
 
@@ -217,7 +219,10 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:,.1f}"
 
 
-def report(a: argparse.Namespace, runs: dict[str, dict[str, dict[str, Any]]]) -> str:
+Runs = dict[str, dict[str, dict[str, Any]]]
+
+
+def report(a: argparse.Namespace, runs: Runs) -> str:
     batches = a.batches.split(",")
     cols = [f"decode B={b}" for b in batches] + [f"prefill {a.prefill_len}"]
     lines = [
@@ -232,8 +237,8 @@ def report(a: argparse.Namespace, runs: dict[str, dict[str, dict[str, Any]]]) ->
         f"{a.prefill_len}-token prompt. Medians of {a.repeats} repeats; fresh random "
         "prompts, greedy, EOS ignored.", ""]
     for dtype, by_sys in runs.items():
-        lines += [f"## {dtype}", "", "| system | " + " | ".join(cols) + " | load s |",
-                  "|---|" + "---:|" * (len(cols) + 1)]
+        lines += [f"## {dtype}", "", "| system | " + " | ".join(cols)
+                  + " | load s | peak RSS MiB |", "|---|" + "---:|" * (len(cols) + 2)]
 
         def vals(r: dict[str, Any]) -> list[float | None]:
             if "error" in r:
@@ -244,15 +249,19 @@ def report(a: argparse.Namespace, runs: dict[str, dict[str, dict[str, Any]]]) ->
         for name, r in by_sys.items():
             note = f" ({r['error']})" if "error" in r else ""
             lines.append(f"| {name}{note} | " + " | ".join(_fmt(v) for v in vals(r))
-                         + f" | {_fmt(r.get('load_s'))} |")
+                         + f" | {_fmt(r.get('load_s'))} | {_fmt(r.get('peak_rss_mib'))} |")
         ref = by_sys.get("reference")
         for base in ("hf", "vllm"):
             if ref and base in by_sys and "error" not in ref and "error" not in by_sys[base]:
                 ratio = [x / y for x, y in zip(vals(ref), vals(by_sys[base]), strict=True)
                          if x and y]
                 lines.append(f"| **reference ÷ {base}** | "
-                             + " | ".join(f"**{v:.2f}x**" for v in ratio) + " | |")
+                             + " | ".join(f"**{v:.2f}x**" for v in ratio) + " | | |")
         lines.append("")
+    lines += ["Peak RSS: the whole process (reference: model and its preallocated KV cache, "
+              "1 GiB by default; vLLM: its three processes summed, 2 GiB KV space; HF: a "
+              "cache that grows with the sequences). Load: construction to ready (vLLM "
+              "compiles its graph with torch.compile each start).", ""]
     return "\n".join(lines)
 
 
@@ -264,7 +273,12 @@ def main() -> None:
         res.update(dtype=a.dtype, threads=a.threads, peak_rss_mib=round(_rss_mib(), 1))
         print(json.dumps(res))
         return
-    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: Runs
+    if a.report_only:
+        runs = json.loads((RESULTS / f"{a.out_name}.json").read_text())
+        (RESULTS / f"{a.out_name}.md").write_text(report(a, runs) + "\n")
+        return
+    runs = {}
     for dtype in a.dtypes.split(","):
         model = Path(a.model) if a.model else model_for(dtype)
         runs[dtype] = {s: _child(s, a, model, dtype) for s in a.systems.split(",")}

