@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import peer_dynamo as pd
+from engine_throughput import model_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -177,9 +178,6 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], model_dir: Path) -
 
 async def amain() -> None:
     a = _args()
-    sys.path.insert(0, str(ROOT / "bench"))
-    from engine_throughput import model_for
-
     model_dir = model_for(a.dtype)
     n_prompts = a.requests + 2 * a.concurrency
     pool = loadgen.build_prompts(model_dir, n_prompts, a.prompt_tokens, seed=1)

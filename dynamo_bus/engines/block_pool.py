@@ -191,12 +191,12 @@ class BlockPool:
         for i, h in enumerate(hashes):
             if h in self._by_hash:
                 continue
-            if not self._empty and not any(self._blocks[b].hash not in wanted
-                                           for b in self._cached):
-                break
             if not self._empty:
                 # Evict the least recently used block that is not part of this prefix.
-                victim = next(b for b in self._cached if self._blocks[b].hash not in wanted)
+                victim = next((b for b in self._cached if self._blocks[b].hash not in wanted),
+                              None)
+                if victim is None:
+                    break
                 self._cached.move_to_end(victim, last=False)
             block_id = self._take_free()
             block = self._blocks[block_id]

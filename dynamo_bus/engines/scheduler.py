@@ -68,7 +68,6 @@ class Seq:
     sampling: SamplingOptions
     stop_ids: frozenset[int]
     state: Any = None            # the executing engine's own per-request state
-    num_prompt: int = 0
     num_computed: int = 0        # tokens whose KV is computed
     num_in_pool: int = 0         # tokens holding a slot in the pool
     prefill_target: int = 0      # len(tokens) at the last admission; 0 before the first
@@ -280,7 +279,7 @@ class BatchingEngine(Engine):
         if not sampling.ignore_eos:
             stop_ids.update(self.eos_token_ids)
         seq = Seq(rid, list(prompt), sequence_hashes(arr, self.block_size), sampling,
-                  frozenset(stop_ids), num_prompt=len(prompt))
+                  frozenset(stop_ids))
         self._prepare(seq, request)
         return seq
 

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from dynamo_bus.engines.base import EngineRequest, KVLayout
-from dynamo_bus.engines.reference.model import CausalLM, ForwardBatch, KVCache, ModelConfig
+from dynamo_bus.engines.reference.model import (
+    CausalLM,
+    ForwardBatch,
+    KVCache,
+    ModelConfig,
+    PackedLinear,
+)
 from dynamo_bus.engines.reference.sampler import make_generator, sample
 from dynamo_bus.engines.scheduler import BatchingEngine, Sampled, Seq
 from dynamo_bus.modeldir import ModelDir
@@ -51,8 +57,7 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
         return dtype
     if device.type == "cuda":
         return "bfloat16"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return "bfloat16" if native else "float32"
+    return "bfloat16" if PackedLinear.supported(torch.bfloat16, device) else "float32"
 
 
 class ReferenceEngine(BatchingEngine):
@@ -135,14 +140,15 @@ class ReferenceEngine(BatchingEngine):
     async def _execute(self, prefills: list[tuple[Seq, int]],
                        decodes: list[Seq]) -> list[Sampled | None]:
         table = self.pool.block_table
+        # Read the block tables now, before the first await (see BatchingEngine).
         entries: list[tuple[list[int], int, list[int]]] = []
         want: list[bool] = []
         for seq, n in prefills:
             start = seq.num_computed
-            entries.append((seq.tokens[start:start + n], start, list(table(seq.request_id))))
+            entries.append((seq.tokens[start:start + n], start, table(seq.request_id)))
             want.append(start + n == seq.prefill_target)
         for seq in decodes:
-            entries.append((seq.tokens[-1:], seq.num_computed, list(table(seq.request_id))))
+            entries.append((seq.tokens[-1:], seq.num_computed, table(seq.request_id)))
             want.append(True)
         batch = ForwardBatch.build(entries, self.block_size, self.device, want)
         sampled_seqs = [s for (s, _), w in zip(prefills, want, strict=False) if w] + decodes

@@ -139,10 +139,9 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class ForwardBatch:
-    """One forward's flat varlen batch: sequence ``i`` owns tokens
-    ``query_starts[i]:query_starts[i] + query_lens[i]``, whose K/V go to ``slot_mapping``
-    (``block_id * block_size + offset``) and which attend to the first ``context_lens[i]``
-    cached positions (the new ones included) through its block table.
+    """One forward's flat varlen batch: each sequence owns a run of consecutive rows,
+    whose K/V go to ``slot_mapping`` (``block_id * block_size + offset``) and which attend
+    to the sequence's cached positions (the new ones included) through its block table.
 
     Attention runs in two groups: every single-token (decode) sequence together in one
     batched call over K/V gathered block by block through ``decode_blocks`` (padded to
@@ -152,18 +151,12 @@ class ForwardBatch:
     input_ids: Tensor      # [T] int64
     positions: Tensor      # [T] int64
     slot_mapping: Tensor   # [T] int64
-    query_lens: list[int]
-    context_lens: list[int]
     logits_indices: Tensor  # [N] int64 rows of the flat batch to compute logits for
     decode_rows: Tensor | None   # [D] rows of the flat batch that decode; None: all, in order
     decode_blocks: Tensor | None  # [D, blocks] block table of each decoding row, 0-padded
     decode_width: int            # the longest decoding row's context
     decode_mask: Tensor | None   # [D, 1, 1, width] bool, True where attended
     prefills: list[tuple[int, int, int, Tensor]]  # (start, query_len, context_len, blocks)
-
-    @property
-    def query_starts(self) -> list[int]:
-        return [0, *accumulate(self.query_lens[:-1])]
 
     @classmethod
     def build(cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], block_size: int,
@@ -209,7 +202,7 @@ class ForwardBatch:
                 decode_mask = (offsets[None, :] < dec_ctx[:, None])[:, None, None, :]
         prefills = [(starts[i], lens[i], ctxs[i], t(list(seqs[i][2][:-(-ctxs[i] // block_size)])))
                     for i in range(len(lens)) if lens[i] > 1]
-        return cls(t(ids), t(positions), t(slots), lens, ctxs, t(last),
+        return cls(t(ids), t(positions), t(slots), t(last),
                    decode_rows, decode_blocks, decode_width, decode_mask, prefills)
 
 
