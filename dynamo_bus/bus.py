@@ -8,6 +8,7 @@ update them only where the configuration in this code changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class Bus:
     names: Names
     workers_kv: KeyValue
     load_kv: KeyValue
+    residency_kv: KeyValue | None = None  # None for clients that only submit
     # Called after the connection comes back: pull requests do not survive a
     # reconnect, so each PullConsumer registers here to pull again.
     on_reconnect: list[Callable[[], None]] = field(default_factory=list)
@@ -65,6 +67,40 @@ async def decode_request(msg: Msg) -> Request | None:
         log.warning("dropping undecodable message on %s: %s", msg.subject, exc)
         await msg.term()
         return None
+
+
+async def watch_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None],
+                       snapshot_done: Callable[[], None], closed: Callable[[], bool], *,
+                       restarting: Callable[[], None] | None = None) -> None:
+    """Feed every key of ``kv`` to ``apply(key, value)`` (``None``: deleted, purged or
+    expired): the current contents first, then ``snapshot_done()``, then every change,
+    until ``closed()`` or cancellation. A watch that dies with the server starts again
+    (``restarting()`` is called first) and replays the contents."""
+    first = True
+    while not closed():
+        try:
+            # After a server restart JetStream takes a moment to load its streams;
+            # a watch created before that never delivers. Ask until it answers.
+            await kv.status()
+            if not first and restarting is not None:
+                restarting()
+            first = False
+            watcher = await kv.watchall()
+            try:
+                async for entry in watcher:
+                    if entry is None:  # end of the initial snapshot
+                        snapshot_done()
+                        continue
+                    deleted = entry.operation is not None or not entry.value
+                    apply(entry.key, None if deleted else entry.value)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the watch died (server restart): start over
+            log.warning("watch on %s failed (%s); re-watching", kv._name, exc)
+            await asyncio.sleep(0.5)
 
 
 async def connect(url: str, *, name: str,
@@ -115,6 +151,26 @@ async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyVa
         info.config.max_age = ttl
         await js.update_stream(info.config)
         log.info("bucket %s: ttl now %.1fs", bucket, ttl)
+    return kv
+
+
+RESIDENCY_MARKER_TTL = 60.0  # how long a watcher that fell behind can still see a delete
+
+
+async def ensure_residency_bucket(js: JetStreamContext, names: Names) -> KeyValue:
+    """The residency bucket: one key per (worker, block) it holds. File storage (a
+    restarted server keeps it); per-message TTLs allowed, so the markers a delete
+    leaves expire instead of piling up one per block ever evicted."""
+    bucket = names.residency_bucket
+    try:
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        kv = await js.create_key_value(bucket=bucket, history=1,
+                                       storage=js_api.StorageType.FILE)
+    info = await js.stream_info(f"KV_{bucket}")
+    if not info.config.allow_msg_ttl:
+        info.config.allow_msg_ttl = True
+        await js.update_stream(info.config)
     return kv
 
 
@@ -186,12 +242,14 @@ async def open_bus(cfg: Config, url: str, *, name: str, ensure: bool = True) -> 
     nc = await connect(url, name=name, on_reconnect=listeners)
     js = nc.jetstream(timeout=10)
     try:
+        residency_kv = None
         if ensure:
             workers_kv, load_kv = await ensure_topology(js, names, cfg)
+            residency_kv = await ensure_residency_bucket(js, names)
         else:
             workers_kv, load_kv = await find_buckets(js, names)
     except BaseException:
         await nc.close()
         raise
     return Bus(nc=nc, js=js, names=names, workers_kv=workers_kv, load_kv=load_kv,
-               on_reconnect=listeners)
+               residency_kv=residency_kv, on_reconnect=listeners)

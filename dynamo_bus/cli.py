@@ -37,9 +37,20 @@ _HELP = {
     "max_inflight": "requests one frontend accepts at once; beyond it answers 429",
     "fold_chunks": "a stream whose reader is behind sends the tokens already waiting as "
                    "one event (true), or one event per chunk the worker sent (false)",
-    "router_mode": "default routing strategy: round_robin, random, least_loaded",
+    "router_mode": "default routing strategy: kv_aware (cached prefix + load), "
+                   "round_robin, random, least_loaded",
     "router_ack_wait": "seconds before a dead router's requests are redelivered",
-    "router_max_inflight": "requests one router forwards at once",
+    "router_max_inflight": "requests one router forwards (or holds in its queue) at once",
+    "router_overlap_weight": "kv_aware: weight of the prefill cost against the decode "
+                             "cost (higher: favour cache hits over balance)",
+    "router_temperature": "kv_aware: 0 picks the cheapest worker; > 0 samples workers by "
+                          "softmax of their normalised costs",
+    "router_busy_kv": "a worker is busy when this share of its KV blocks is active "
+                      "(0: never)",
+    "router_busy_prefill_tokens": "a worker is busy with this many prompt tokens waiting "
+                                  "to prefill (0: never)",
+    "router_queue_size": "requests a router holds, highest priority first, while every "
+                         "worker is busy; 0: answer 503 at once",
     "engine": "engine of the workers: reference (PyTorch) or mock (simulated)",
     "worker_id": "worker id (default: engine name + random suffix)",
     "workers": "number of workers this process runs",

@@ -33,9 +33,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_inflight: int = 4096             # per frontend; beyond it: 429
     fold_chunks: bool = True             # merge chunks already waiting into one event
     # router
-    router_mode: str = "round_robin"
+    router_mode: str = "kv_aware"
     router_ack_wait: float = 10.0        # a dead router's requests come back after this
     router_max_inflight: int = 512
+    router_overlap_weight: float = 1.0   # kv_aware: weight of the prefill term
+    router_temperature: float = 0.0      # kv_aware: > 0 samples workers by softmax
+    router_busy_kv: float = 0.0          # busy at this share of KV blocks active; 0: off
+    router_busy_prefill_tokens: int = 0  # busy at this many queued prefill tokens; 0: off
+    router_queue_size: int = 0           # requests waiting while all busy; 0: answer 503
     # worker
     engine: str = "reference"
     worker_id: str | None = None

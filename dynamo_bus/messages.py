@@ -26,7 +26,7 @@ from dynamo_bus.errors import ProtocolError
 SCHEMA_VERSION = 1
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-RoutingStrategy = Literal["round_robin", "random", "least_loaded", "direct"]
+RoutingStrategy = Literal["kv_aware", "round_robin", "random", "least_loaded", "direct"]
 ROUTING_STRATEGIES: tuple[str, ...] = RoutingStrategy.__args__  # type: ignore[attr-defined]
 Role = Literal["aggregated", "prefill", "decode"]
 
@@ -44,12 +44,28 @@ class SamplingOptions(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=
     logprobs: int | None = None
 
 
+class KvRouterOverride(msgspec.Struct, omit_defaults=True, frozen=True):
+    """Per-request weights of the KV-aware cost (``None``: the router's setting).
+
+    ``cost = overlap_weight * max(prefill_blocks - credit, 0) + decode_blocks`` with
+    ``credit = device_credit * device_overlap + host_credit * host_overlap +
+    disk_credit * disk_overlap``; ``temperature`` > 0 samples workers by softmax of
+    their normalised costs instead of taking the cheapest."""
+
+    overlap_weight: float | None = None
+    device_credit: float | None = None
+    host_credit: float | None = None
+    disk_credit: float | None = None
+    temperature: float | None = None
+
+
 class RoutingHints(msgspec.Struct, omit_defaults=True):
     """Per-request routing overrides (the ``routing_strategy`` extension and friends)."""
 
     strategy: RoutingStrategy | None = None
     worker_id: str | None = None
     exclude_workers: list[str] = []
+    kv: KvRouterOverride | None = None
 
 
 class Request(msgspec.Struct, omit_defaults=True):
@@ -128,6 +144,8 @@ class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
     model: str
     block_size: int
     hash_scheme: str = "xxh3_64-seed1337-v1"
+    # A digest of the tokenizer (token ids, hence block hashes, depend on it); "" unknown.
+    tokenizer: str = ""
 
 
 class Registration(msgspec.Struct, omit_defaults=True):
@@ -158,6 +176,21 @@ class Load(msgspec.Struct, omit_defaults=True):
     active_blocks: int = 0
     total_blocks: int = 0
     at: float = 0.0
+    v: int = 1
+
+
+Tier = Literal["device", "host", "disk"]
+TIERS: tuple[str, ...] = Tier.__args__  # type: ignore[attr-defined]  # fastest first
+
+
+class Residency(msgspec.Struct, omit_defaults=True):
+    """One KV block held by one worker: the value of its key in the residency bucket.
+
+    ``instance`` tells a worker's incarnations apart (its start time in ns): a router
+    that sees a newer instance forgets everything the older one held."""
+
+    tier: Tier
+    instance: int
     v: int = 1
 
 
@@ -198,3 +231,4 @@ RESPONSE: Codec[Response] = Codec(Response)
 CANCEL: Codec[Cancel] = Codec(Cancel)
 REGISTRATION: Codec[Registration] = Codec(Registration)
 LOAD: Codec[Load] = Codec(Load)
+RESIDENCY: Codec[Residency] = Codec(Residency)

@@ -48,6 +48,14 @@ class ModelDir:
     gguf_path: Path | None = None
 
 
+def tokenizer_digest(model: ModelDir) -> str:
+    """A short digest of the tokenizer: workers with equal digests turn equal text into
+    equal token ids (so their KV blocks hash alike)."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest((model.path / "tokenizer.json").read_bytes())
+
+
 def default_cache_dir() -> Path:
     """``$DYNAMO_BUS_CACHE``, else the platform's user cache dir for ``dynamo-bus``."""
     env = os.environ.get(CACHE_ENV)

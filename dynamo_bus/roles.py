@@ -26,7 +26,7 @@ from dynamo_bus.config import Config, env_name, to_env
 from dynamo_bus.engines import make_engine
 from dynamo_bus.errors import ConfigError
 from dynamo_bus.frontend import make_app, start_http
-from dynamo_bus.modeldir import ModelDir, default_cache_dir, resolve_model
+from dynamo_bus.modeldir import ModelDir, default_cache_dir, resolve_model, tokenizer_digest
 from dynamo_bus.natsserver import EmbeddedNats, die_with_parent
 from dynamo_bus.registry import Registry
 from dynamo_bus.requester import Requester
@@ -84,13 +84,15 @@ class Roles:
         # The workers of one process share a connection: publishes from all of them go
         # out in the same socket writes.
         bus = await self._bus("workers") if count else None
+        tokenizer = tokenizer_digest(model)
         for i in range(count):
             base = self.cfg.worker_id or f"{self.cfg.engine}-{uuid.uuid4().hex[:8]}"
             wid = validate_worker_id(base if count == 1 else f"{base}-{i}")
             engine = make_engine(self.cfg, model, self.model_name)
             await engine.start()
             assert bus is not None
-            worker = Worker(bus, engine, self.cfg, worker_id=wid, model=self.model_name)
+            worker = Worker(bus, engine, self.cfg, worker_id=wid, model=self.model_name,
+                            tokenizer=tokenizer)
             await worker.start()
 
             async def _stop(worker: Worker = worker) -> None:

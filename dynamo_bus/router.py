@@ -8,18 +8,24 @@ killed mid-request leaves it un-acked and JetStream redelivers it to another aft
 sequence number, so such a redelivery never reaches a worker twice.
 
 The router holds no state of its own: workers and their load come from the registry
-buckets (see ``registry.py``).
+buckets (see ``registry.py``), which worker holds which KV blocks from the residency
+bucket (``residency.py``); the choice itself is ``policy.py``.
+
+When every eligible worker is busy (``--router-busy-kv``, ``--router-busy-prefill-tokens``)
+a request waits in this router's queue, highest ``priority`` first and first come first
+served within a priority, up to ``--router-queue-size`` requests; beyond that, or with
+no queue, it is answered 503. A queued request stays un-acked (kept alive with
+in-progress acks), so a replica that dies with a queue loses none of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
-import random
 import time
-from collections import defaultdict
-from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
@@ -32,82 +38,17 @@ from dynamo_bus.bus import (
 )
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
-from dynamo_bus.errors import ConfigError, ProtocolError
+from dynamo_bus.errors import ProtocolError
 from dynamo_bus.handback import hand_back
-from dynamo_bus.messages import (
-    CANCEL,
-    RESPONSE,
-    ROUTING_STRATEGIES,
-    Error,
-    Registration,
-    Request,
-)
+from dynamo_bus.hashing import sequence_hashes
+from dynamo_bus.messages import CANCEL, RESPONSE, Error, Request
+from dynamo_bus.policy import AllBusy, Decision, KvWeights, NoEligibleWorker, RoutingPolicy
 from dynamo_bus.recent import RecentIds
 from dynamo_bus.registry import Registry
+from dynamo_bus.residency import ResidencyWatcher
 from dynamo_bus.worker import WORK_ACK_WAIT
 
 log = logging.getLogger(__name__)
-
-
-Policy = Callable[[Request, list[Registration]], Registration]
-
-
-class RoutingPolicy:
-    """Picks a worker among live candidates. Strategies are per request overridable."""
-
-    def __init__(self, registry: Registry, default: str, *, rng: random.Random | None = None):
-        if default not in ROUTING_STRATEGIES:
-            raise ConfigError(f"unknown routing strategy {default!r}; one of "
-                              f"{', '.join(ROUTING_STRATEGIES)} (flag --router-mode, "
-                              "env DYNAMO_BUS_ROUTER_MODE)")
-        self.registry = registry
-        self.default = default
-        self._rng = rng or random.Random()
-        self._rr: dict[str, int] = defaultdict(int)
-        # Requests this replica sent since the worker's last load report: the load
-        # bucket lags, so without this a burst would all go to the same worker.
-        self._sent_since: dict[str, int] = defaultdict(int)
-        self._seen_load_at: dict[str, float] = {}
-
-    def candidates(self, req: Request) -> list[Registration]:
-        workers = self.registry.workers(req.model)
-        excluded = set(req.routing.exclude_workers)
-        return sorted((w for w in workers if w.worker_id not in excluded),
-                      key=lambda w: w.worker_id)
-
-    def pick(self, req: Request, workers: list[Registration]) -> Registration:
-        strategy = req.routing.strategy or self.default
-        if req.routing.worker_id:
-            strategy = "direct"
-        if strategy == "direct":
-            for w in workers:
-                if w.worker_id == req.routing.worker_id:
-                    return w
-            raise LookupError(f"worker {req.routing.worker_id!r} is not serving {req.model}")
-        if strategy == "random":
-            return self._rng.choice(workers)
-        if strategy == "least_loaded":
-            return min(workers, key=self._load_score)
-        # round_robin
-        i = self._rr[req.model] % len(workers)
-        self._rr[req.model] += 1
-        return workers[i]
-
-    def _load_score(self, w: Registration) -> float:
-        load = self.registry.load(w.worker_id)
-        wid = w.worker_id
-        if load is not None and load.at != self._seen_load_at.get(wid):
-            self._seen_load_at[wid] = load.at
-            self._sent_since[wid] = 0
-        active = (load.active_requests if load else 0) + self._sent_since[wid]
-        return active / max(w.capacity, 1) + self._rng.random() * 1e-6
-
-    def sent(self, worker_id: str) -> None:
-        self._sent_since[worker_id] += 1
-
-    def forget(self, worker_id: str) -> None:
-        self._sent_since.pop(worker_id, None)
-        self._seen_load_at.pop(worker_id, None)
 
 
 class Router:
@@ -116,7 +57,19 @@ class Router:
         self.cfg = cfg
         self.registry = registry or Registry(bus, ttl=cfg.worker_ttl)
         self._own_registry = registry is None
-        self.policy = RoutingPolicy(self.registry, cfg.router_mode)
+        self.residency = ResidencyWatcher(bus)
+        self.policy = RoutingPolicy(
+            self.registry, cfg.router_mode, block_size=cfg.block_size,
+            index=self.residency.index,
+            weights=KvWeights(overlap_weight=cfg.router_overlap_weight,
+                              temperature=cfg.router_temperature),
+            busy_kv=cfg.router_busy_kv, busy_prefill_tokens=cfg.router_busy_prefill_tokens)
+        # Requests waiting for a worker that is not busy: (-priority, arrival, ...).
+        self._queue: list[tuple[int, int, Request, list[int] | None,
+                                asyncio.Future[Decision]]] = []
+        self._arrivals = itertools.count()
+        self._queued = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
         names = bus.names
         self._consumer = PullConsumer(bus.nc, names.request_stream, names.router_consumer,
                                       capacity=cfg.router_max_inflight, handler=self._handle,
@@ -132,6 +85,8 @@ class Router:
     async def start(self) -> None:
         if self._own_registry:
             await self.registry.start()
+        await self.residency.start()
+        self._dispatcher = asyncio.create_task(self._dispatch())
         self._cancel_sub = await self.bus.nc.subscribe(self.bus.names.cancel_subject,
                                                        cb=self._on_cancel)
         self.registry.on_removed.append(self._on_worker_removed)
@@ -144,7 +99,13 @@ class Router:
             task.cancel()
         await asyncio.gather(*self._sweeps.values(), return_exceptions=True)
         self._consumer.stop_fetching()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.wait({self._dispatcher}, timeout=5.0)
+        for *_, fut in self._queue:  # un-acked: another replica gets them
+            fut.cancel()
         await self._consumer.close(timeout=5.0)
+        await self.residency.stop()
         with contextlib.suppress(Exception):
             await self._cancel_sub.unsubscribe()
         if self._own_registry:
@@ -183,10 +144,14 @@ class Router:
             back.cancel()
             missing.cancel()
             await sweeper.close(timeout=2.0)
-        if self.registry.get(worker_id) is None and not gone.is_set():
-            with contextlib.suppress(Exception):
-                await self.bus.js.delete_consumer(names.work_stream,
-                                                  names.worker_consumer(worker_id))
+        if self.registry.get(worker_id) is None:
+            with contextlib.suppress(Exception):  # the blocks it held went with it
+                await self.bus.js.purge_stream(f"KV_{names.residency_bucket}",
+                                               subject=names.residency_subjects(worker_id))
+            if not gone.is_set():
+                with contextlib.suppress(Exception):
+                    await self.bus.js.delete_consumer(names.work_stream,
+                                                      names.worker_consumer(worker_id))
 
     async def _on_cancel(self, msg: Msg) -> None:
         with contextlib.suppress(ProtocolError):
@@ -203,16 +168,28 @@ class Router:
         if age > self.cfg.request_timeout:
             await self._reject(msg, req, 504, "timeout", "request expired before routing")
             return
-        workers = self.policy.candidates(req)
-        if not workers:
-            await self._reject(msg, req, 503, "no_worker",
-                               f"no live worker serves model {req.model!r}")
-            return
         try:
-            worker = self.policy.pick(req, workers)
+            decision = await self._decide(req, msg)
+        except NoEligibleWorker as exc:
+            await self._reject(msg, req, 503, "no_eligible_worker", str(exc))
+            return
+        except AllBusy as exc:
+            await self._reject(msg, req, 503, "overloaded", f"{exc}; try again later")
+            return
         except LookupError as exc:
             await self._reject(msg, req, 400, "invalid_value", str(exc), "routing_strategy")
             return
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            await self._reject(msg, req, 504, "timeout", "request expired waiting for a "
+                               "worker that is not busy")
+            return
+        if decision is None:
+            await self._reject(msg, req, 503, "no_worker",
+                               f"no live worker serves model {req.model!r}")
+            return
+        worker = decision.worker
         seq = msg.metadata.sequence.stream
         try:
             await self.bus.js.publish(worker.work_subject, msg.data,
@@ -226,9 +203,84 @@ class Router:
             else:  # not stored: try again shortly
                 await msg.nak(delay=0.5)
             return
-        self.policy.sent(worker.worker_id)
         self.routed += 1
+        log.debug("routed %s to %s (cost %.1f, %d cached blocks)", req.request_id,
+                  worker.worker_id, decision.cost, decision.overlap_blocks)
         await msg.ack()
+
+    def _try(self, req: Request, hashes: list[int] | None) -> Decision | None:
+        workers = self.policy.candidates(req)
+        if not workers:
+            return None
+        decision = self.policy.pick(req, workers, hashes)
+        self.policy.sent(req, decision)  # counted before the next request decides
+        return decision
+
+    async def _decide(self, req: Request, msg: Msg) -> Decision | None:
+        """A worker for ``req`` now, or after waiting in the queue (see the module
+        docstring)."""
+        hashes = None
+        if (req.routing.strategy or self.policy.default) == "kv_aware":
+            hashes = sequence_hashes(req.token_ids, self.cfg.block_size)
+        if not self._queue:
+            try:
+                return self._try(req, hashes)
+            except AllBusy:
+                if self.cfg.router_queue_size <= 0:
+                    raise
+        if len(self._queue) >= self.cfg.router_queue_size:
+            raise AllBusy(f"all workers serving {req.model} are busy and "
+                          f"{len(self._queue)} requests wait already")
+        fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, (-req.priority, next(self._arrivals), req, hashes, fut))
+        self._queued.set()
+        left = self.cfg.request_timeout - (time.time() - req.created_ns / 1e9
+                                           if req.created_ns else 0.0)
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                while True:
+                    done, _ = await asyncio.wait({fut}, timeout=self.cfg.router_ack_wait / 3)
+                    if done:
+                        return fut.result()
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+        finally:
+            fut.cancel()  # no-op once resolved; otherwise the dispatcher skips it
+
+    async def _dispatch(self) -> None:
+        """Hand queued requests, best first, to workers as they stop being busy."""
+        while True:
+            await self._queued.wait()
+            while self._queue:
+                *_, req, hashes, fut = self._queue[0]
+                if fut.done():
+                    heapq.heappop(self._queue)
+                    continue
+                outcome: list[Decision | None] = []
+
+                def ready(req: Request = req, hashes: list[int] | None = hashes,
+                          fut: asyncio.Future[Decision] = fut,
+                          outcome: list[Decision | None] = outcome) -> bool:
+                    if fut.done():
+                        return True
+                    try:
+                        outcome.append(self._try(req, hashes))
+                    except AllBusy:
+                        return False
+                    except Exception as exc:  # refused for another reason: say so
+                        fut.set_exception(exc)
+                    return True
+
+                if not await self.registry.wait_until(ready, timeout=1.0):
+                    continue
+                heapq.heappop(self._queue)
+                if outcome and not fut.done():
+                    decision = outcome[0]
+                    if decision is None:
+                        fut.set_exception(NoEligibleWorker(f"no live worker serves {req.model}"))
+                    else:
+                        fut.set_result(decision)
+            self._queued.clear()
 
     async def _reject(self, msg: Msg, req: Request, status: int, code: str, message: str,
                       param: str | None = None) -> None:

@@ -111,6 +111,21 @@ class Names:
     def load_bucket(self) -> str:
         return f"dyn_{self._ns}_load"
 
+    @property
+    def residency_bucket(self) -> str:
+        return f"dyn_{self._ns}_residency"
+
+    def residency_key(self, worker_id: str, block_hash: int) -> str:
+        return f"{validate_worker_id(worker_id)}.{block_hash:016x}"
+
+    def residency_subject(self, worker_id: str, block_hash: int) -> str:
+        """The subject a put of ``residency_key`` is stored under (JetStream KV)."""
+        return f"$KV.{self.residency_bucket}.{self.residency_key(worker_id, block_hash)}"
+
+    def residency_subjects(self, worker_id: str) -> str:
+        """Every residency key of one worker (what its purge filters on)."""
+        return f"$KV.{self.residency_bucket}.{validate_worker_id(worker_id)}.>"
+
     def all_names(self) -> dict[str, str]:
         """Every name with a placeholder for its variable parts (what subjects.md lists)."""
         return {
@@ -124,4 +139,6 @@ class Names:
             "cancel_subject": self.cancel_subject,
             "workers_bucket": self.workers_bucket,
             "load_bucket": self.load_bucket,
+            "residency_bucket": self.residency_bucket,
+            "residency_key": "<worker_id>.<block_hash>",
         }

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
@@ -41,6 +42,7 @@ from dynamo_bus.messages import (
     Usage,
 )
 from dynamo_bus.recent import RecentIds
+from dynamo_bus.residency import ResidencyPublisher
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ WORK_ACK_WAIT = 30.0
 
 class Worker:
     def __init__(self, bus: Bus, engine: Engine, cfg: Config, *, worker_id: str,
-                 model: str) -> None:
+                 model: str, tokenizer: str = "") -> None:
         self.bus = bus
         self.engine = engine
         self.cfg = cfg
@@ -70,6 +72,11 @@ class Worker:
         self._draining = False
         self._closed = False
         self._started_at = time.time()
+        # Token ids, hence block hashes, depend on the tokenizer: part of the fingerprint.
+        self.fingerprint = msgspec.structs.replace(engine.fingerprint, tokenizer=tokenizer)
+        self.residency = (ResidencyPublisher(bus, engine, worker_id,
+                                             instance=int(self._started_at * 1e9))
+                          if bus.residency_kv is not None else None)
 
     # -- lifecycle ---------------------------------------------------------------
     async def _ensure_consumer(self) -> None:
@@ -85,6 +92,8 @@ class Worker:
         names = self.bus.names
         await self._ensure_consumer()
         self._cancel_sub = await self.bus.nc.subscribe(names.cancel_subject, cb=self._on_cancel)
+        if self.residency is not None:
+            await self.residency.start()
         await self._register()
         self.bus.on_reconnect.append(self._consumer.on_reconnect)
         await self._consumer.start()
@@ -96,7 +105,7 @@ class Worker:
 
     def registration(self) -> Registration:
         return Registration(
-            worker_id=self.worker_id, model=self.model, fingerprint=self.engine.fingerprint,
+            worker_id=self.worker_id, model=self.model, fingerprint=self.fingerprint,
             work_subject=self.work_subject, capacity=self.cfg.max_concurrency,
             engine=self.engine.name, pid=os.getpid(), started_at=self._started_at,
             heartbeat_at=time.time(), context_length=self.engine.context_length,
@@ -124,6 +133,8 @@ class Worker:
         log.debug("drain %s: queue handed back", self.worker_id)
         await self._consumer.close(timeout=5.0)
         await self._stop_background()
+        if self.residency is not None:
+            await self.residency.stop()
         with contextlib.suppress(Exception):
             await self._cancel_sub.unsubscribe()
         with contextlib.suppress(Exception):

@@ -23,6 +23,9 @@ request with that prefix starts after it. An engine without a KV cache raises
 ``NotImplementedError``.
 
 ``load()`` is cheap and synchronous: the worker publishes it to the load bucket.
+``residency_changes()`` is too: the prefix blocks that became reusable or were evicted
+since the previous call (the first call: all of them), which the worker publishes to
+the residency bucket for KV-aware routers.
 """
 
 from __future__ import annotations
@@ -117,6 +120,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> EngineLoad: ...
+
+    def residency_changes(self) -> dict[int, str | None]:
+        """Chained block hash -> the fastest tier now holding it (``"device"``,
+        ``"host"`` or ``"disk"``; ``None``: gone from this engine), for the hashes whose
+        residency changed since the previous call; the first call names every block
+        held. An engine without a prefix cache holds nothing."""
+        return {}
 
     async def export_blocks(self, hashes: list[int]) -> KVBlocks:
         """The longest computed prefix of ``hashes``; see the module docstring."""

@@ -14,6 +14,10 @@ A prompt block becomes findable once it is computed (``mark_computed``); a block
 during decode becomes findable when it fills (``append_token``). A block whose hash is
 already held by another block stays unhashed: two copies of one prefix are never
 indexed, and the duplicate simply returns to the empty list when freed.
+
+Once ``drain_changes()`` has been called, the pool records which hashes became findable
+or stopped being findable since the previous call: what a worker publishes to the
+residency bucket, so routers know which prefixes it holds.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._by_hash: dict[int, int] = {}
         self._seqs: dict[str, _Seq] = {}
+        # hash -> findable now? (the latest word since the previous drain); None until
+        # somebody drains, so a pool nobody publishes keeps no log.
+        self._changes: dict[int, bool] | None = None
 
     # -- counters ---------------------------------------------------------------------
 
@@ -145,6 +152,8 @@ class BlockPool:
             block_id, _ = self._cached.popitem(last=False)
             block = self._blocks[block_id]
             del self._by_hash[block.hash]  # type: ignore[arg-type]
+            if self._changes is not None:
+                self._changes[block.hash] = False  # type: ignore[index]
             block.hash = None
         self._blocks[block_id].ref_count = 1
         return block_id
@@ -158,11 +167,23 @@ class BlockPool:
                 block = self._blocks[seq.block_ids[i]]
                 block.hash = h
                 self._by_hash[h] = block.block_id
+                if self._changes is not None:
+                    self._changes[h] = True
         seq.num_indexed = max(seq.num_indexed, upto)
 
     def mark_computed(self, request_id: str, num_tokens: int) -> None:
         """The first ``num_tokens`` tokens of the request now have KV: cache full blocks."""
         self._index(self._seqs[request_id], num_tokens // self.block_size)
+
+    def drain_changes(self) -> dict[int, bool]:
+        """Hashes that became findable (True) or were evicted (False) since the last
+        call, each with its latest state. The first call returns every findable hash
+        and starts the log."""
+        if self._changes is None:
+            self._changes = {}
+            return dict.fromkeys(self._by_hash, True)
+        changes, self._changes = self._changes, {}
+        return changes
 
     def block_table(self, request_id: str) -> list[int]:
         """The request's blocks, in order (the list itself: do not modify)."""
@@ -202,6 +223,8 @@ class BlockPool:
             block = self._blocks[block_id]
             block.hash = h
             self._by_hash[h] = block_id
+            if self._changes is not None:
+                self._changes[h] = True
             taken.append((i, block_id))
         # Held by nobody: cached, the tail nearest the LRU end as ``free`` leaves it.
         for _, block_id in reversed(taken):

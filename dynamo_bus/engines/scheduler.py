@@ -225,6 +225,11 @@ class BatchingEngine(Engine):
             if seq.finish is None:
                 self._finish(seq, "cancelled")
 
+    def residency_changes(self) -> dict[int, str | None]:
+        if self._pool is None:
+            return {}
+        return {h: "device" if held else None for h, held in self._pool.drain_changes().items()}
+
     @property
     def pool(self) -> BlockPool:
         if self._pool is None:

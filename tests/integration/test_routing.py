@@ -51,12 +51,12 @@ async def test_least_loaded_avoids_the_busy_worker(stack) -> None:
     async with aiohttp.ClientSession() as http:
         body = {"model": MODEL, "prompt": "long", "max_tokens": 200, "worker_id": busy.worker_id}
         hogs = [asyncio.create_task(http.post(s.base_url + "/completions", json=body))
-                for _ in range(4)]
+                for _ in range(8)]
         registry = s.roles.routers[0].registry
 
         def hogged() -> bool:
             load = registry.load(busy.worker_id)
-            return load is not None and load.active_requests == 4
+            return load is not None and load.active_requests == 8
 
         assert await registry.wait_until(hogged, timeout=10)
         before = _served(s)

@@ -1,0 +1,304 @@
+"""Which worker holds which KV blocks: the residency bucket and the router's index of it.
+
+Workers write, routers read, nobody else keeps the truth:
+
+* a worker's :class:`ResidencyPublisher` drains its engine's residency changes every
+  ``interval`` and puts one key per block it holds (``<worker_id>.<block hash>``, value
+  :class:`~dynamo_bus.messages.Residency`: the fastest tier holding it and the worker's
+  incarnation) or purges the key of a block it evicted. Puts are plain publishes onto
+  the bucket's subjects (the stream stores them; no round trip per block). A purge
+  leaves a marker that expires after ``RESIDENCY_MARKER_TTL``. A worker purges its own
+  keys when it starts and when it leaves.
+* a router's :class:`ResidencyWatcher` rebuilds a :class:`ResidencyIndex` (block hash ->
+  worker -> tier) from the bucket's contents and then follows its changes. A router
+  that restarts, or a second replica, reads the same bucket and builds the same index.
+
+A newer incarnation of a worker (a restart under the same id) replaces everything the
+older one held, whichever of its keys or its registration the router hears first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from dynamo_bus.bus import RESIDENCY_MARKER_TTL, Bus, watch_bucket
+from dynamo_bus.engines.base import Engine
+from dynamo_bus.errors import ProtocolError
+from dynamo_bus.messages import RESIDENCY, TIERS, Residency
+
+log = logging.getLogger(__name__)
+
+TIER_RANK = {t: i for i, t in enumerate(TIERS)}  # device 0, host 1, disk 2
+_PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub",
+          "Nats-TTL": f"{int(RESIDENCY_MARKER_TTL)}s"}
+
+
+class ResidencyIndex:
+    """block hash -> {worker: fastest tier}, each worker's block count and incarnation.
+
+    Memory matters at a million blocks: a block held by one worker (the common case)
+    is stored as one int ``worker_number * 4 + tier``, a shared one as a small dict."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[str, int] = {}
+        self._names: list[str] = []
+        self._blocks: dict[int, int | dict[int, int]] = {}
+        self._counts: list[int] = []
+        self._instances: dict[str, int] = {}
+        self.updates = 0  # changes applied, for rate figures
+
+    def _number(self, worker_id: str) -> int:
+        n = self._numbers.get(worker_id)
+        if n is None:
+            n = self._numbers[worker_id] = len(self._names)
+            self._names.append(worker_id)
+            self._counts.append(0)
+        return n
+
+    # -- updates ----------------------------------------------------------------------
+
+    def observe_instance(self, worker_id: str, instance: int) -> bool:
+        """Note the worker's incarnation; False when ``instance`` is older than one
+        already seen (its news is stale). A newer one forgets the older one's blocks."""
+        known = self._instances.get(worker_id, 0)
+        if instance < known:
+            return False
+        if instance > known:
+            if known:
+                self.remove_worker(worker_id)
+            self._instances[worker_id] = instance
+        return True
+
+    def apply(self, worker_id: str, block_hash: int, tier: str | None,
+              instance: int = 0) -> None:
+        """The worker now holds ``block_hash`` in ``tier`` (``None``: no longer)."""
+        if instance and not self.observe_instance(worker_id, instance):
+            return
+        self.updates += 1
+        w = self._number(worker_id)
+        held = self._blocks.get(block_hash)
+        if tier is None:
+            if held is None:
+                return
+            if isinstance(held, int):
+                if held >> 2 == w:
+                    del self._blocks[block_hash]
+                    self._counts[w] -= 1
+            elif held.pop(w, None) is not None:
+                self._counts[w] -= 1
+                if len(held) == 1:
+                    ((other, t),) = held.items()
+                    self._blocks[block_hash] = other * 4 + t
+            return
+        rank = TIER_RANK[tier]
+        if held is None:
+            self._blocks[block_hash] = w * 4 + rank
+            self._counts[w] += 1
+        elif isinstance(held, int):
+            if held >> 2 == w:
+                self._blocks[block_hash] = w * 4 + rank
+            else:
+                self._blocks[block_hash] = {held >> 2: held & 3, w: rank}
+                self._counts[w] += 1
+        else:
+            if w not in held:
+                self._counts[w] += 1
+            held[w] = rank
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget every block of a worker that left (a scan: workers leave rarely)."""
+        w = self._numbers.get(worker_id)
+        if w is None or self._counts[w] == 0:
+            return
+        for h in [h for h, held in self._blocks.items()
+                  if (held >> 2 == w if isinstance(held, int) else w in held)]:
+            self.apply(worker_id, h, None)
+        self._counts[w] = 0
+
+    def replace_with(self, other: ResidencyIndex) -> None:
+        """Become ``other`` (a rebuilt index), keeping this object's identity."""
+        updates = self.updates + other.updates
+        self.__dict__.update(other.__dict__)
+        self.updates = updates
+
+    # -- queries ----------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """Distinct blocks held anywhere."""
+        return len(self._blocks)
+
+    def blocks_of(self, worker_id: str) -> int:
+        w = self._numbers.get(worker_id)
+        return 0 if w is None else self._counts[w]
+
+    def instance_of(self, worker_id: str) -> int:
+        return self._instances.get(worker_id, 0)
+
+    def tier_of(self, worker_id: str, block_hash: int) -> str | None:
+        w = self._numbers.get(worker_id)
+        held = self._blocks.get(block_hash)
+        if w is None or held is None:
+            return None
+        if isinstance(held, int):
+            return TIERS[held & 3] if held >> 2 == w else None
+        rank = held.get(w)
+        return None if rank is None else TIERS[rank]
+
+    def overlaps(self, hashes: Sequence[int],
+                 worker_ids: Iterable[str]) -> dict[str, tuple[int, int, int]]:
+        """For each worker, how many of the leading ``hashes`` it holds (its cached
+        prefix: counting stops at its first missing block), split by the fastest tier
+        holding each: ``(device, host, disk)``."""
+        counts = {wid: [0, 0, 0] for wid in worker_ids}
+        live = {n: counts[wid] for wid in counts
+                if (n := self._numbers.get(wid)) is not None and self._counts[n]}
+        blocks = self._blocks
+        for h in hashes:
+            if not live:
+                break
+            held = blocks.get(h)
+            if held is None:
+                break
+            if isinstance(held, int):
+                c = live.get(held >> 2)
+                live = {}
+                if c is not None:
+                    c[held & 3] += 1
+                    live[held >> 2] = c
+            else:
+                for n in [n for n in live if n not in held]:
+                    del live[n]
+                for n, c in live.items():
+                    c[held[n]] += 1
+        return {wid: (c[0], c[1], c[2]) for wid, c in counts.items()}
+
+
+class ResidencyPublisher:
+    """A worker's side: publishes its engine's residency changes; see the module
+    docstring."""
+
+    def __init__(self, bus: Bus, engine: Engine, worker_id: str, *, instance: int,
+                 interval: float = 0.02) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.worker_id = worker_id
+        self.instance = instance
+        self.interval = interval
+        self.published = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def purge(self) -> None:
+        """Remove every key of this worker from the bucket."""
+        names = self.bus.names
+        with contextlib.suppress(Exception):
+            await self.bus.js.purge_stream(f"KV_{names.residency_bucket}",
+                                           subject=names.residency_subjects(self.worker_id))
+
+    async def start(self) -> None:
+        await self.purge()  # what an earlier incarnation left
+        self._task = asyncio.create_task(self._run(), name=f"residency-{self.worker_id}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5.0)
+        await self.purge()
+
+    async def publish_changes(self) -> int:
+        """Publish what changed since the last call; returns how many keys."""
+        changes = self.engine.residency_changes()
+        if not changes:
+            return 0
+        nc, names, wid = self.bus.nc, self.bus.names, self.worker_id
+        values = {t: RESIDENCY.encode(Residency(tier=t, instance=self.instance))  # type: ignore[arg-type]
+                  for t in TIERS}
+        for block_hash, tier in changes.items():
+            subject = names.residency_subject(wid, block_hash)
+            if tier is None:
+                await nc.publish(subject, b"", headers=_PURGE)
+            else:
+                await nc.publish(subject, values[tier])
+        self.published += len(changes)
+        return len(changes)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.publish_changes()
+            except Exception as exc:  # the connection is away; it reconnects
+                log.warning("residency publish failed: %r", exc)
+            await asyncio.sleep(self.interval)
+
+
+class ResidencyWatcher:
+    """A router's side: keeps :attr:`index` equal to the bucket's contents."""
+
+    def __init__(self, bus: Bus, index: ResidencyIndex | None = None) -> None:
+        if bus.residency_kv is None:
+            raise RuntimeError("the bus was opened without the residency bucket")
+        self._kv = bus.residency_kv
+        self.index = index if index is not None else ResidencyIndex()
+        self._fresh: ResidencyIndex | None = None  # being rebuilt after a re-watch
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._synced = asyncio.Event()
+        self.last_update = 0.0  # time.time() of the last change applied
+        bus.on_reconnect.append(self._rewatch)
+
+    async def start(self, wait: float = 10.0) -> None:
+        """Start watching; waits up to ``wait`` s for the bucket's contents (routing
+        goes on with a partial index past that)."""
+        self._task = asyncio.create_task(self._watch())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._synced.wait()
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5.0)
+
+    def _rewatch(self) -> None:
+        if self._task is None or self._closed:
+            return
+        self._task.cancel()
+        self._restarting()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await watch_bucket(self._kv, self._apply, self._snapshot_done, lambda: self._closed,
+                           restarting=self._restarting)
+
+    def _restarting(self) -> None:
+        # Deletes made while the watch was down may not be replayed (their markers
+        # expire): rebuild from the contents and swap when they are all in.
+        self._fresh = ResidencyIndex()
+
+    def _snapshot_done(self) -> None:
+        if self._fresh is not None:
+            self.index.replace_with(self._fresh)
+            self._fresh = None
+        self._synced.set()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        worker_id, _, hex_hash = key.rpartition(".")
+        try:
+            block_hash = int(hex_hash, 16)
+            res = RESIDENCY.decode(value) if value is not None else None
+        except (ValueError, ProtocolError) as exc:
+            log.debug("ignoring residency key %s: %s", key, exc)
+            return
+        index = self._fresh if self._fresh is not None else self.index
+        if res is None:
+            index.apply(worker_id, block_hash, None)
+        else:
+            index.apply(worker_id, block_hash, res.tier, res.instance)
+        self.last_update = time.time()
