@@ -125,18 +125,14 @@ class RoutingPolicy:
 
     # -- eligibility ------------------------------------------------------------------
 
-    def refusal(self, w: Registration, reference: Registration) -> str | None:
-        fp, ref = w.fingerprint, reference.fingerprint
+    def _mismatch(self, w: Registration) -> str | None:
+        fp = w.fingerprint
         if fp.block_size != self.block_size:
             return (f"worker {w.worker_id} uses KV blocks of {fp.block_size} tokens; this "
                     f"router hashes blocks of {self.block_size} (--block-size)")
         if fp.hash_scheme != HASH_SCHEME:
             return (f"worker {w.worker_id} hashes blocks with {fp.hash_scheme!r}; this "
                     f"router with {HASH_SCHEME!r}")
-        if fp.tokenizer != ref.tokenizer:
-            return (f"worker {w.worker_id} serves {w.model!r} with another tokenizer "
-                    f"({fp.tokenizer or 'unknown'}) than worker {reference.worker_id} "
-                    f"({ref.tokenizer or 'unknown'})")
         return None
 
     def candidates(self, req: Request) -> list[Registration]:
@@ -145,23 +141,32 @@ class RoutingPolicy:
         workers = self.view.workers(req.model)
         if not workers:
             return []
-        reference = min(workers, key=lambda w: (w.started_at, w.worker_id))
+        why = {w.worker_id: r for w in workers if (r := self._mismatch(w)) is not None}
+        matching = [w for w in workers if w.worker_id not in why]
+        if matching:  # the tokenizer of the longest-running one is the model's
+            ref = min(matching, key=lambda w: (w.started_at, w.worker_id))
+            for w in matching:
+                if w.fingerprint.tokenizer != ref.fingerprint.tokenizer:
+                    why[w.worker_id] = (
+                        f"worker {w.worker_id} serves {w.model!r} with another tokenizer "
+                        f"({w.fingerprint.tokenizer or 'unknown'}) than worker "
+                        f"{ref.worker_id} ({ref.fingerprint.tokenizer or 'unknown'})")
         excluded = set(req.routing.exclude_workers)
-        ok, why = [], []
+        ok = []
         for w in workers:
-            reason = self.refusal(w, reference)
+            reason = why.get(w.worker_id)
             if reason is not None:
                 if self._refused.get(w.worker_id) != reason:
                     log.error("refusing worker for model %s: %s", w.model, reason)
                     self._refused[w.worker_id] = reason
-                why.append(reason)
                 continue
             self._refused.pop(w.worker_id, None)
             self.index.observe_instance(w.worker_id, int(w.started_at * 1e9))
             if w.worker_id not in excluded:
                 ok.append(w)
         if not ok and why:
-            raise NoEligibleWorker("no worker may serve this request: " + "; ".join(why))
+            raise NoEligibleWorker("no worker may serve this request: "
+                                   + "; ".join(why.values()))
         return sorted(ok, key=lambda w: w.worker_id)
 
     def _load(self, w: Registration) -> tuple[Load, _Sent]:

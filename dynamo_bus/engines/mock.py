@@ -5,8 +5,9 @@ scheduler (:mod:`dynamo_bus.engines.scheduler`), so routers, workers and the bus
 exercised at scale without a model.
 
 A step lasts, in milliseconds divided by ``speedup``, ``prefill(T)`` for the T uncached
-prompt tokens it computes plus ``decode(u)`` when it decodes, u being the running
-requests' KV tokens over the pool's capacity. Mixed steps pay both terms.
+prompt tokens it computes plus ``decode(u)`` when it decodes, u being the decoding
+requests' context lengths over the pool's capacity in tokens (as Dynamo's mocker).
+Mixed steps pay both terms.
 
 Output tokens are pseudo-random ids in ``[0, vocab_size)`` fixed by (prompt, seed), or by
 (prompt, request id) without a seed, or by the prompt alone at temperature 0. The mock
@@ -138,7 +139,7 @@ class MockEngine(BatchingEngine):
     def _step_seconds(self, prefills: list[tuple[Seq, int]], decodes: list[Seq]) -> float:
         ms = prefill_ms(sum(n for _, n in prefills)) if prefills else 0.0
         if decodes:
-            kv_tokens = sum(s.num_in_pool for s in self._running.values())
+            kv_tokens = sum(s.num_in_pool for s in decodes)
             ms += decode_ms(min(1.0, kv_tokens / (self.num_blocks * self.block_size)))
         return ms / 1000.0 / self.speedup
 

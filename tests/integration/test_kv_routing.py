@@ -1,0 +1,103 @@
+"""KV-aware routing through the real stack: residency published by workers, an index
+rebuilt by routers from the bucket, refusals and the router queue as a user sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+# ~600 tokens of shared context, then a short question that differs per request
+CONTEXT = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}."
+                   for i in range(60))
+
+
+async def _complete(url: str, prompt: str, **extra: Any) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.post(
+            url + "/completions",
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **extra}) as resp:
+        return resp.status, await resp.json()
+
+
+async def _served_by(s: Any, prompt: str, **extra: Any) -> tuple[str, dict[str, Any]]:
+    """Send one request; the worker that ran it and the response body."""
+    before = {w.worker_id: len(w._done) for w in s.roles.workers}
+    status, body = await _complete(s.base_url, prompt, **extra)
+    assert status == 200, body
+    after = {w.worker_id: len(w._done) for w in s.roles.workers}
+    (wid,) = [w for w in after if after[w] != before[w]]
+    return wid, body
+
+
+async def _until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_requests_sharing_a_prefix_go_where_it_is_cached(stack) -> None:
+    s = await stack(workers=3)  # kv_aware is the default
+    first, _ = await _served_by(s, CONTEXT + " Question 0?")
+    index = s.roles.routers[0].residency.index
+    await _until(lambda: index.blocks_of(first) >= 30)  # the worker published its blocks
+    for i in range(1, 6):
+        wid, body = await _served_by(s, CONTEXT + f" Question {i}?")
+        assert wid == first
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 30 * 16
+    # unrelated prompts still spread over the workers
+    spread = {(await _served_by(s, f"Unrelated prompt number {i}"))[0] for i in range(9)}
+    assert len(spread) == 3
+
+    # A router that restarts rebuilds the same index from the bucket, and decides alike.
+    old = s.roles.routers.pop()
+    await old.stop()
+    fresh = await s.roles.add_router()
+    assert fresh.residency.index.blocks_of(first) == index.blocks_of(first)
+    wid, _ = await _served_by(s, CONTEXT + " Question 99?")
+    assert wid == first
+
+
+async def test_a_worker_with_another_block_size_is_refused_with_a_clear_error(stack) -> None:
+    s = await stack(workers=0)
+    await stack(workers=1, router=False, frontend=False, block_size=32)
+    status, body = await _complete(s.base_url, "hello")
+    assert status == 503
+    assert "blocks of 32 tokens" in body["error"]["message"]
+    assert "--block-size" in body["error"]["message"]
+
+
+async def test_all_busy_answers_503_without_a_queue(stack) -> None:
+    s = await stack(workers=1, mock_speedup=0.02, router_busy_prefill_tokens=1)
+    hog = asyncio.create_task(_complete(s.base_url, CONTEXT, max_tokens=2))
+    await _until(lambda: s.roles.routers[0].routed == 1)
+    status, body = await _complete(s.base_url, "hi")
+    assert status == 503 and "busy" in body["error"]["message"]
+    assert (await hog)[0] == 200
+
+
+async def test_the_router_queue_serves_higher_priority_first(stack) -> None:
+    s = await stack(workers=1, mock_speedup=0.02, router_busy_prefill_tokens=1,
+                    router_queue_size=8)
+    router = s.roles.routers[0]
+    finished: list[str] = []
+
+    async def send(name: str, priority: int) -> None:
+        status, _ = await _complete(s.base_url, CONTEXT + name, max_tokens=1, priority=priority)
+        assert status == 200
+        finished.append(name)
+
+    first = asyncio.create_task(send("first", 0))
+    await _until(lambda: router.routed == 1)
+    low = asyncio.create_task(send("low", 0))
+    await _until(lambda: len(router._queue) == 1)
+    high = asyncio.create_task(send("high", 5))
+    await _until(lambda: len(router._queue) == 2)
+    await asyncio.gather(first, low, high)
+    assert finished == ["first", "high", "low"]
