@@ -34,7 +34,7 @@ def test_trace_round_trip_and_cache_bound(tmp_path: Path) -> None:
     # second: 1024 of 1100 reused; third: all but its last block (1008 of 1024)
     assert reuse_bound(reqs) == pytest.approx((1024 + 1008) / (1024 + 1100 + 1024))
     path.write_text('{"timestamp": 0, "input_length": 5}\n')
-    with pytest.raises(ConfigError, match="t.jsonl:1"):
+    with pytest.raises(ConfigError, match=r"t\.jsonl:1"):
         read_trace(path)
 
 
