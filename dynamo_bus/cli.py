@@ -31,6 +31,8 @@ _HELP = {
     "store_dir": "JetStream store of the embedded nats-server (default: user cache)",
     "model": "HF-format model directory (default: SmolLM2-135M-Instruct, fetched once)",
     "served_model_name": "model name clients use (default: the directory's name)",
+    "context_length": "longest prompt + output accepted, in tokens (0: the model's "
+                      "max_position_embeddings); e.g. to replay long traces on the mock engine",
     "http_host": "frontend bind address",
     "http_port": "frontend port (0: any free port)",
     "request_timeout": "seconds a request may take end to end",

@@ -26,6 +26,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # model
     model: str | None = None             # HF-format dir; None: SmolLM2 from the cache
     served_model_name: str | None = None
+    context_length: int = 0              # 0: the model's (max_position_embeddings)
     # frontend
     http_host: str = "127.0.0.1"
     http_port: int = 8000

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -67,6 +68,9 @@ class Roles:
     def model(self) -> ModelDir:
         if self._model is None:
             self._model = resolve_model(self.cfg.model)
+            if self.cfg.context_length:
+                self._model = dataclasses.replace(self._model,
+                                                  context_length=self.cfg.context_length)
         return self._model
 
     @property

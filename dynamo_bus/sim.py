@@ -10,9 +10,10 @@ timer instead of waiting for it) and the bus (the router reads each engine's loa
 and residency directly; ``residency_lag`` delays the residency as a publish interval
 would).
 
-TTFT and E2E run from a request's arrival (its trace timestamp / ``arrival_speedup``) to
-its first / last token; the prefix reuse ratio is cached prompt tokens over all prompt
-tokens, as Dynamo's replay reports it.
+Each request gives a :class:`~dynamo_bus.report.RequestRecord`, as a live replay does:
+TTFT and E2E run from its arrival (trace timestamp / ``arrival_speedup``) to its first /
+last token; the prefix hit rate is cached prompt tokens over all prompt tokens, as
+Dynamo's replay reports its "prefix cache reused ratio".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from dynamo_bus.messages import (
     SamplingOptions,
 )
 from dynamo_bus.policy import KvWeights, RoutingPolicy
+from dynamo_bus.report import RequestRecord
 from dynamo_bus.trace import TraceRequest, synth_tokens
 
 MODEL = "sim"
@@ -120,21 +123,26 @@ class SimSettings:
 @dataclass
 class SimResult:
     settings: SimSettings
-    ttft_ms: list[float]
-    e2e_ms: list[float]
-    itl_ms: list[float]
-    input_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    duration_s: float                 # virtual: first arrival to last token
+    records: list[RequestRecord]      # in trace order; times are virtual
     wall_s: float
-    per_worker: dict[str, int]
     preemptions: int
-    samples: list[tuple[float, float, int]] = field(default_factory=list)  # t, hit, active
 
     @property
     def reuse(self) -> float:
-        return self.cached_tokens / self.input_tokens if self.input_tokens else 0.0
+        prompt = sum(r.prompt_tokens for r in self.records)
+        return sum(r.cached_tokens for r in self.records) / prompt if prompt else 0.0
+
+    @property
+    def ttft_ms(self) -> list[float]:
+        return [r.ttft_ms for r in self.records if r.ttft_ms is not None]
+
+    @property
+    def e2e_ms(self) -> list[float]:
+        return [r.e2e_ms for r in self.records if r.e2e_ms is not None]
+
+    @property
+    def per_worker(self) -> dict[str, int]:
+        return dict(Counter(r.worker for r in self.records))
 
 
 async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
@@ -163,12 +171,7 @@ async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
             sync_residency()
 
     lag_task = asyncio.create_task(lagged_residency()) if s.residency_lag > 0 else None
-    ttft: list[float] = []
-    e2e: list[float] = []
-    itl: list[float] = []
-    totals = {"input": 0, "cached": 0, "output": 0}
-    served = dict.fromkeys(engines, 0)
-    samples: list[tuple[float, float, int]] = []
+    records: list[RequestRecord] = [None] * len(trace)  # type: ignore[list-item]
 
     async def run(i: int, req: TraceRequest, arrival: float) -> None:
         tokens = synth_tokens(req, VOCAB)
@@ -180,26 +183,21 @@ async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
         decision = policy.pick(msg, policy.candidates(msg), hashes)
         policy.sent(msg, decision)
         wid = decision.worker.worker_id
-        served[wid] += 1
         sampling = SamplingOptions(max_tokens=req.output_length, temperature=0.0,
                                    ignore_eos=True)
+        rec = records[i] = RequestRecord(index=i, arrival_s=arrival, start_s=arrival,
+                                         prompt_tokens=len(tokens), worker=wid)
         first = last = 0.0
-        n_out = 0
         async for out in engines[wid].generate(EngineRequest(rid, msg.token_ids, sampling)):
-            now = loop.time()
-            if out.token_ids and not n_out:
-                first = now
-                totals["cached"] += out.cached_tokens
-                samples.append((now, out.cached_tokens / len(tokens),
-                                sum(e.load().active_requests for e in engines.values())))
-            elif out.token_ids:
-                itl.append((now - last) * 1000 / len(out.token_ids))
-            n_out += len(out.token_ids)
-            last = now
-        totals["input"] += len(tokens)
-        totals["output"] += n_out
-        ttft.append((first - arrival) * 1000)
-        e2e.append((last - arrival) * 1000)
+            if out.token_ids and not rec.output_tokens:
+                first = loop.time()
+                rec.cached_tokens = out.cached_tokens
+            rec.output_tokens += len(out.token_ids)
+            last = loop.time()
+        rec.ttft_ms = (first - arrival) * 1000
+        rec.e2e_ms = (last - arrival) * 1000
+        if rec.output_tokens > 1:
+            rec.itl_ms = (last - first) * 1000 / (rec.output_tokens - 1)
 
     t0 = trace[0].timestamp if trace else 0.0
     tasks = []
@@ -209,17 +207,12 @@ async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
             await asyncio.sleep(arrival - loop.time())
         tasks.append(asyncio.create_task(run(i, req, arrival)))
     await asyncio.gather(*tasks)
-    end = loop.time()
     if lag_task is not None:
         lag_task.cancel()
     for e in engines.values():
         await e.stop()
-    return SimResult(settings=s, ttft_ms=ttft, e2e_ms=e2e, itl_ms=itl,
-                     input_tokens=totals["input"], cached_tokens=totals["cached"],
-                     output_tokens=totals["output"], duration_s=end, wall_s=0.0,
-                     per_worker=served,
-                     preemptions=sum(e.num_preemptions for e in engines.values()),
-                     samples=samples)
+    return SimResult(settings=s, records=records, wall_s=0.0,
+                     preemptions=sum(e.num_preemptions for e in engines.values()))
 
 
 def simulate(trace: list[TraceRequest], settings: SimSettings) -> SimResult:
