@@ -3,7 +3,8 @@
 Validation names the offending field (OpenAI's ``param``) so a client sees exactly
 what to fix. Unknown fields are ignored, as OpenAI-compatible servers do, because
 clients send fields this server has no use for. Extensions: ``priority``,
-``routing_strategy``, ``worker_id``, ``top_k``, ``ignore_eos``, ``stop_token_ids``.
+``routing_strategy``, ``worker_id``, ``router_config_override``, ``top_k``, ``ignore_eos``,
+``stop_token_ids``.
 
 Log-probabilities: chat takes ``logprobs`` (boolean) and ``top_logprobs`` (0..20, only
 with ``logprobs``), legacy completions ``logprobs`` (0..20, as vLLM; OpenAI stops at
@@ -21,7 +22,13 @@ from typing import Any, Literal
 import msgspec
 
 from dynamo_bus.errors import InvalidRequest
-from dynamo_bus.messages import ROUTING_STRATEGIES, RoutingHints, SamplingOptions, Usage
+from dynamo_bus.messages import (
+    ROUTING_STRATEGIES,
+    KvRouterOverride,
+    RoutingHints,
+    SamplingOptions,
+    Usage,
+)
 
 Kind = Literal["chat", "completion"]
 _MAX_STOP = 4
@@ -181,7 +188,29 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
         if not isinstance(worker_id, str):
             raise _bad("worker_id", "must be a string")
         parsed.routing.worker_id = worker_id
+    override = body.get("router_config_override")
+    if override is not None:
+        parsed.routing.kv = _router_override(override)
     return parsed
+
+
+# Extension ``router_config_override``: the KV-aware cost's weights for one request.
+_OVERRIDE_KEYS = {"overlap_weight": "overlap_weight", "overlap_score_weight": "overlap_weight",
+                  "temperature": "temperature", "router_temperature": "temperature",
+                  "device_credit": "device_credit", "host_credit": "host_credit",
+                  "disk_credit": "disk_credit"}
+
+
+def _router_override(value: Any) -> KvRouterOverride:
+    param = "router_config_override"
+    if not isinstance(value, dict):
+        raise _bad(param, "must be an object")
+    unknown = set(value) - set(_OVERRIDE_KEYS)
+    if unknown:
+        raise _bad(param, f"unknown keys {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
+    named = {f"{param}.{key}": v for key, v in value.items()}  # errors name the inner field
+    return KvRouterOverride(**{_OVERRIDE_KEYS[key]: _number(named, f"{param}.{key}", 0.0, 0.0,
+                                                             1e6) for key in value})
 
 
 # -- responses -------------------------------------------------------------------------

@@ -5,8 +5,8 @@ Workers write, routers read, nobody else keeps the truth:
 * a worker's :class:`ResidencyPublisher` drains its engine's residency changes every
   ``interval`` and puts one key per block it holds (``<worker_id>.<block hash>``, value
   :class:`~dynamo_bus.messages.Residency`: the fastest tier holding it and the worker's
-  incarnation) or purges the key of a block it evicted. Puts are plain publishes onto
-  the bucket's subjects (the stream stores them; no round trip per block). A purge
+  incarnation) or purges the key of a block it evicted. Puts are pipelined: acked by
+  JetStream, with a bounded number in flight (no round trip per block). A purge
   leaves a marker that expires after ``RESIDENCY_MARKER_TTL``. A worker purges its own
   keys when it starts and when it leaves.
 * a router's :class:`ResidencyWatcher` rebuilds a :class:`ResidencyIndex` (block hash ->
@@ -24,6 +24,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+from nats.aio.msg import Msg
 
 from dynamo_bus.bus import RESIDENCY_MARKER_TTL, Bus, watch_bucket
 from dynamo_bus.engines.base import Engine
@@ -180,16 +183,33 @@ class ResidencyIndex:
 
 class ResidencyPublisher:
     """A worker's side: publishes its engine's residency changes; see the module
-    docstring."""
+    docstring.
+
+    Puts go out as plain publishes with a reply subject, and JetStream's acks come back
+    on one subscription (nats.go's ``PublishAsync``): no round trip per block, yet at
+    most ``window`` unacknowledged, so a burst (a first snapshot, a wave of evictions)
+    never outruns the server, which would drop what it cannot store. A put not
+    acknowledged within ``ack_timeout`` is sent again (puts and purges are idempotent).
+    """
 
     def __init__(self, bus: Bus, engine: Engine, worker_id: str, *, instance: int,
-                 interval: float = 0.02) -> None:
+                 interval: float = 0.02, window: int = 4096, ack_timeout: float = 2.0) -> None:
         self.bus = bus
         self.engine = engine
         self.worker_id = worker_id
         self.instance = instance
         self.interval = interval
+        self.window = window
+        self.ack_timeout = ack_timeout
         self.published = 0
+        self.resent = 0
+        self._inbox = bus.nc.new_inbox()
+        self._sub: Any = None
+        self._seq = 0
+        # seq -> (subject, payload, headers, loop time sent), until JetStream acks it
+        self._unacked: dict[int, tuple[str, bytes, dict[str, str] | None, float]] = {}
+        self._room = asyncio.Event()
+        self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -202,6 +222,8 @@ class ResidencyPublisher:
 
     async def start(self) -> None:
         await self.purge()  # what an earlier incarnation left
+        if self._sub is None:
+            self._sub = await self.bus.nc.subscribe(self._inbox + ".*", cb=self._on_ack)
         self._task = asyncio.create_task(self._run(), name=f"residency-{self.worker_id}")
 
     async def stop(self) -> None:
@@ -209,29 +231,74 @@ class ResidencyPublisher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=5.0)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
         await self.purge()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        seq = int(msg.subject.rpartition(".")[2])
+        if (msg.headers and msg.headers.get("Status") == "503") or b'"error"' in msg.data:
+            return  # no stream, or refused: stays unacked and is sent again
+        self._unacked.pop(seq, None)
+        if len(self._unacked) < self.window:
+            self._room.set()
+
+    async def _send(self, subject: str, payload: bytes,
+                    headers: dict[str, str] | None) -> None:
+        while len(self._unacked) >= self.window:
+            self._room.clear()
+            try:
+                async with asyncio.timeout(self.ack_timeout):
+                    await self._room.wait()
+            except TimeoutError:
+                await self.resend_overdue()
+        self._seq += 1
+        self._unacked[self._seq] = (subject, payload, headers,
+                                    asyncio.get_running_loop().time())
+        await self.bus.nc.publish(subject, payload, reply=f"{self._inbox}.{self._seq}",
+                                  headers=headers)
+
+    async def resend_overdue(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for seq, (subject, payload, headers, sent) in list(self._unacked.items()):
+            if now - sent >= self.ack_timeout and seq in self._unacked:
+                self._unacked[seq] = (subject, payload, headers, now)
+                self.resent += 1
+                await self.bus.nc.publish(subject, payload, reply=f"{self._inbox}.{seq}",
+                                          headers=headers)
 
     async def publish_changes(self) -> int:
         """Publish what changed since the last call; returns how many keys."""
         changes = self.engine.residency_changes()
         if not changes:
             return 0
-        nc, names, wid = self.bus.nc, self.bus.names, self.worker_id
+        names, wid = self.bus.names, self.worker_id
         values = {t: RESIDENCY.encode(Residency(tier=t, instance=self.instance))  # type: ignore[arg-type]
                   for t in TIERS}
         for block_hash, tier in changes.items():
             subject = names.residency_subject(wid, block_hash)
             if tier is None:
-                await nc.publish(subject, b"", headers=_PURGE)
+                await self._send(subject, b"", _PURGE)
             else:
-                await nc.publish(subject, values[tier])
+                await self._send(subject, values[tier], None)
         self.published += len(changes)
         return len(changes)
+
+    async def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the server has stored everything published; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._unacked and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+            await self.resend_overdue()
+        return not self._unacked
 
     async def _run(self) -> None:
         while not self._stopping:
             try:
                 await self.publish_changes()
+                await self.resend_overdue()
             except Exception as exc:  # the connection is away; it reconnects
                 log.warning("residency publish failed: %r", exc)
             await asyncio.sleep(self.interval)

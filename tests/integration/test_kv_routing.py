@@ -101,3 +101,45 @@ async def test_the_router_queue_serves_higher_priority_first(stack) -> None:
     await _until(lambda: len(router._queue) == 2)
     await asyncio.gather(first, low, high)
     assert finished == ["first", "high", "low"]
+
+
+class _Changes:
+    """Stands in for an engine's ``residency_changes()`` (the publisher's only call)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, str | None] = {}
+
+    def residency_changes(self) -> dict[int, str | None]:
+        out, self.pending = self.pending, {}
+        return out
+
+
+async def test_residency_puts_the_server_did_not_store_are_sent_again(nats_server) -> None:
+    from dynamo_bus.bus import ensure_residency_bucket, open_bus
+    from dynamo_bus.config import Config
+    from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
+
+    cfg = Config(nats_url=nats_server.url)
+    bus = await open_bus(cfg, nats_server.url, name="t")
+    try:
+        source = _Changes()
+        pub = ResidencyPublisher(bus, source, "w0", instance=1,  # type: ignore[arg-type]
+                                 window=64, ack_timeout=0.3)
+        await pub.start()
+        stream = f"KV_{bus.names.residency_bucket}"
+        await bus.js.delete_stream(stream)  # the bucket is gone: nothing is stored
+        source.pending = dict.fromkeys(range(1, 201), "device")
+        sender = asyncio.create_task(pub.publish_changes())  # stalls at the window
+        await asyncio.sleep(1.0)
+        assert not sender.done() and len(pub._unacked) == 64
+        await ensure_residency_bucket(bus.js, bus.names)  # back: overdue puts go again
+        await sender
+        assert await pub.flush(timeout=20) and pub.resent > 0
+        assert (await bus.js.stream_info(stream)).state.messages == 200
+        watcher = ResidencyWatcher(bus)
+        await watcher.start()
+        assert watcher.index.blocks_of("w0") == 200
+        await watcher.stop()
+        await pub.stop()
+    finally:
+        await bus.close()

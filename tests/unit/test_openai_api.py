@@ -36,6 +36,11 @@ def test_defaults_and_extensions() -> None:
                        "stream_options": {"include_usage": True}, "unknown": 1}, "chat")
     assert (p.max_tokens, p.sampling.seed, p.stop, p.priority) == (5, 1, ["x"], 2)
     assert p.routing.strategy == "least_loaded" and p.include_usage
+    p = parse_request({**CHAT, "routing_strategy": "kv_aware", "router_config_override": {
+        "overlap_score_weight": 2.0, "router_temperature": 0.5, "host_credit": 0.5}}, "chat")
+    kv = p.routing.kv
+    assert kv is not None and (kv.overlap_weight, kv.temperature, kv.host_credit,
+                               kv.device_credit) == (2.0, 0.5, 0.5, None)
 
 
 def test_content_parts_are_joined() -> None:
@@ -50,6 +55,9 @@ def test_content_parts_are_joined() -> None:
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"stop": [""]}, "stop"),
     ({"messages": [{"content": "no role"}]}, "messages[0]"),
+    ({"router_config_override": {"router_temperature": -1}},
+     "router_config_override.router_temperature"),
+    ({"router_config_override": {"psychic": 1}}, "router_config_override"),
 ])
 def test_errors_name_the_field(patch, param) -> None:
     with pytest.raises(InvalidRequest) as exc:
