@@ -70,21 +70,16 @@ async def decode_request(msg: Msg) -> Request | None:
 
 
 async def watch_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None],
-                       snapshot_done: Callable[[], None], closed: Callable[[], bool], *,
-                       restarting: Callable[[], None] | None = None) -> None:
+                       snapshot_done: Callable[[], None], closed: Callable[[], bool]) -> None:
     """Feed every key of ``kv`` to ``apply(key, value)`` (``None``: deleted, purged or
     expired): the current contents first, then ``snapshot_done()``, then every change,
     until ``closed()`` or cancellation. A watch that dies with the server starts again
-    (``restarting()`` is called first) and replays the contents."""
-    first = True
+    and replays the contents."""
     while not closed():
         try:
             # After a server restart JetStream takes a moment to load its streams;
             # a watch created before that never delivers. Ask until it answers.
             await kv.status()
-            if not first and restarting is not None:
-                restarting()
-            first = False
             watcher = await kv.watchall()
             try:
                 async for entry in watcher:

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.js import api as js_api
 
-from dynamo_bus.bus import RESIDENCY_MARKER_TTL, Bus, watch_bucket
+from dynamo_bus.bus import RESIDENCY_MARKER_TTL, Bus
 from dynamo_bus.engines.base import Engine
 from dynamo_bus.errors import ProtocolError
 from dynamo_bus.messages import RESIDENCY, TIERS, Residency
@@ -304,15 +306,34 @@ class ResidencyPublisher:
             await asyncio.sleep(self.interval)
 
 
+def _pending(reply: str) -> int:
+    """Messages still pending after this one, from a JetStream ack subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the
+    form with domain and account hash before the stream and a token after)."""
+    tokens = reply.split(".")
+    return int(tokens[8] if len(tokens) == 9 else tokens[10])
+
+
 class ResidencyWatcher:
-    """A router's side: keeps :attr:`index` equal to the bucket's contents."""
+    """A router's side: keeps :attr:`index` equal to the bucket's contents.
+
+    It reads the bucket through an ephemeral pull consumer (no acks, last value per key
+    first, then every change) in batches it asks for, so a burst of puts can never
+    overrun it the way a push watch is overrun (the client drops what it cannot keep
+    up with). If the consumer or the connection goes, it starts over with a fresh
+    index, swapped in once the bucket's contents are all read."""
+
+    BATCH = 4096
+    EXPIRES = 1.0  # seconds a pull waits for news
 
     def __init__(self, bus: Bus, index: ResidencyIndex | None = None) -> None:
         if bus.residency_kv is None:
             raise RuntimeError("the bus was opened without the residency bucket")
-        self._kv = bus.residency_kv
+        self.bus = bus
+        self._bucket = bus.names.residency_bucket
+        self._prefix = len(f"$KV.{self._bucket}.")
         self.index = index if index is not None else ResidencyIndex()
-        self._fresh: ResidencyIndex | None = None  # being rebuilt after a re-watch
+        self._fresh: ResidencyIndex | None = None  # being rebuilt after a restart
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._synced = asyncio.Event()
@@ -337,17 +358,72 @@ class ResidencyWatcher:
         if self._task is None or self._closed:
             return
         self._task.cancel()
-        self._restarting()
         self._task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        await watch_bucket(self._kv, self._apply, self._snapshot_done, lambda: self._closed,
-                           restarting=self._restarting)
+        first = True
+        while not self._closed:
+            try:
+                if not first:
+                    # Deletes made meanwhile may not be replayed (their markers expire):
+                    # rebuild from the contents and swap when they are all in.
+                    self._fresh = ResidencyIndex()
+                first = False
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # consumer or server gone: start over
+                log.warning("residency watch failed (%r); starting over", exc)
+                await asyncio.sleep(0.5)
 
-    def _restarting(self) -> None:
-        # Deletes made while the watch was down may not be replayed (their markers
-        # expire): rebuild from the contents and swap when they are all in.
-        self._fresh = ResidencyIndex()
+    async def _follow(self) -> None:
+        nc, js = self.bus.nc, self.bus.js
+        stream = f"KV_{self._bucket}"
+        info = await js.add_consumer(stream, js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=js_api.AckPolicy.NONE, filter_subject=f"$KV.{self._bucket}.>",
+            inactive_threshold=30.0, mem_storage=True, num_replicas=1))
+        name = info.name
+        snapshot = (info.num_pending or 0) > 0
+        if not snapshot:
+            self._snapshot_done()
+        batch_done = asyncio.Event()
+        received = 0
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal received, snapshot
+            headers = msg.headers
+            if headers and "Status" in headers:  # 408: the pull expired; 409: gone
+                if headers["Status"] == "409":
+                    log.debug("residency pull: %s", headers.get("Description"))
+                batch_done.set()
+                return
+            deleted = not msg.data or bool(headers and headers.get("KV-Operation"))
+            self._apply(msg.subject[self._prefix:], None if deleted else msg.data)
+            received += 1
+            if snapshot and _pending(msg.reply) == 0:
+                snapshot = False
+                self._snapshot_done()
+            if received >= self.BATCH:
+                batch_done.set()
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=4 * self.BATCH)
+        request = json.dumps({"batch": self.BATCH,
+                              "expires": int(self.EXPIRES * 1e9)}).encode()
+        try:
+            while not self._closed:
+                received = 0
+                batch_done.clear()
+                await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", request,
+                                 reply=inbox)
+                async with asyncio.timeout(self.EXPIRES + 5.0):  # no answer: consumer lost
+                    await batch_done.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(stream, name)
 
     def _snapshot_done(self) -> None:
         if self._fresh is not None:
