@@ -87,7 +87,8 @@ class ModelUnavailable(ConfigError):
 _CODE_STATUS = {"no_worker": 503, "overloaded": 503, "worker_lost": 503,
                 "worker_shutdown": 503, "shutdown": 503, "timeout": 504,
                 "too_many_requests": 429, "model_not_found": 404,
-                "context_length_exceeded": 400, "invalid_value": 400}
+                "context_length_exceeded": 400, "invalid_value": 400,
+                "request_too_large": 413}
 
 
 def from_status(status: int | None, message: str, *, code: str | None = None,

