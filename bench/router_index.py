@@ -41,15 +41,12 @@ sys.path.insert(0, str(ROOT))
 from dynamo_bus.bus import open_bus  # noqa: E402
 from dynamo_bus.config import Config  # noqa: E402
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes  # noqa: E402
+from dynamo_bus.kv_index import ResidencyIndex  # noqa: E402
 from dynamo_bus.messages import Fingerprint, Load, Registration, Request  # noqa: E402
 from dynamo_bus.natsserver import EmbeddedNats  # noqa: E402
 from dynamo_bus.policy import RoutingPolicy  # noqa: E402
 from dynamo_bus.report import percentile  # noqa: E402
-from dynamo_bus.residency import (  # noqa: E402
-    ResidencyIndex,
-    ResidencyPublisher,
-    ResidencyWatcher,
-)
+from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher  # noqa: E402
 
 DYNAMO_PY = ROOT / ".peers" / "dynamo" / "bin" / "python"
 W, L, BS, Q = 8, 256, 16, 2000

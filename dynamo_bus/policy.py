@@ -41,6 +41,7 @@ import xxhash
 
 from dynamo_bus.errors import ConfigError
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
+from dynamo_bus.kv_index import ResidencyIndex
 from dynamo_bus.messages import (
     ROUTING_STRATEGIES,
     KvRouterOverride,
@@ -48,7 +49,6 @@ from dynamo_bus.messages import (
     Registration,
     Request,
 )
-from dynamo_bus.residency import ResidencyIndex
 
 log = logging.getLogger(__name__)
 

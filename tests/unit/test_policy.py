@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
+from dynamo_bus.kv_index import ResidencyIndex
 from dynamo_bus.messages import (
     Fingerprint,
     KvRouterOverride,
@@ -14,7 +15,6 @@ from dynamo_bus.messages import (
     RoutingHints,
 )
 from dynamo_bus.policy import AllBusy, NoEligibleWorker, RoutingPolicy
-from dynamo_bus.residency import ResidencyIndex
 
 BS = 16
 
