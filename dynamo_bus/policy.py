@@ -145,8 +145,9 @@ class RoutingPolicy:
         matching = [w for w in workers if w.worker_id not in why]
         if matching:  # the tokenizer of the longest-running one is the model's
             ref = min(matching, key=lambda w: (w.started_at, w.worker_id))
-            for w in matching:
-                if w.fingerprint.tokenizer != ref.fingerprint.tokenizer:
+            for w in matching:  # "" (a worker that does not say) is not refused
+                if ref.fingerprint.tokenizer and w.fingerprint.tokenizer and \
+                        w.fingerprint.tokenizer != ref.fingerprint.tokenizer:
                     why[w.worker_id] = (
                         f"worker {w.worker_id} serves {w.model!r} with another tokenizer "
                         f"({w.fingerprint.tokenizer or 'unknown'}) than worker "
@@ -232,7 +233,7 @@ class RoutingPolicy:
             dev, host, disk = overlaps[w.worker_id]
             credit = wt.device_credit * dev + wt.host_credit * host + wt.disk_credit * disk
             prefill = (load.active_prefill_tokens + sent.prefill_tokens + isl) / bs
-            decode = load.active_blocks + sent.blocks + prompt_blocks - dev
+            decode = load.active_blocks + sent.blocks + prompt_blocks - (dev + host + disk)
             costs[w.worker_id] = wt.overlap_weight * max(prefill - credit, 0.0) + decode
         if wt.temperature > 0 and len(workers) > 1:
             lo, hi = min(costs.values()), max(costs.values())
@@ -259,6 +260,9 @@ class RoutingPolicy:
         sent.blocks += -(-new_tokens // bs)
 
     def forget(self, worker_id: str) -> None:
+        """The worker's registration lapsed. Its blocks stay in the index (a worker
+        that comes back under the same incarnation publishes only changes); a newer
+        incarnation replaces them, and the router drops them once it is sure the worker
+        is gone (``Router._sweep``)."""
         self._sent.pop(worker_id, None)
         self._refused.pop(worker_id, None)
-        self.index.remove_worker(worker_id)

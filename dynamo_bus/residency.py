@@ -48,9 +48,11 @@ class ResidencyPublisher:
 
     Puts go out as plain publishes with a reply subject, and JetStream's acks come back
     on one subscription (nats.go's ``PublishAsync``): no round trip per block, yet at
-    most ``window`` unacknowledged, so a burst (a first snapshot, a wave of evictions)
-    never outruns the server, which would drop what it cannot store. A put not
-    acknowledged within ``ack_timeout`` is sent again (puts and purges are idempotent).
+    most ``window`` keys unacknowledged, so a burst (a first snapshot, a wave of
+    evictions) never outruns the server, which would drop what it cannot store. What is
+    not acknowledged within ``ack_timeout`` is sent again, and only a key's latest word:
+    a put whose ack was lost never comes back after the key's purge. Changes taken from
+    the engine stay here until sent, so a send that fails loses none of them.
     """
 
     def __init__(self, bus: Bus, engine: Engine, worker_id: str, *, instance: int,
@@ -67,12 +69,16 @@ class ResidencyPublisher:
         self._inbox = bus.nc.new_inbox()
         self._sub: Any = None
         self._seq = 0
-        # seq -> (subject, payload, headers, loop time sent), until JetStream acks it
-        self._unacked: dict[int, tuple[str, bytes, dict[str, str] | None, float]] = {}
+        self._pending: dict[int, str | None] = {}  # taken from the engine, not sent yet
+        # subject -> (seq, payload, headers, loop time sent) until JetStream acks it
+        self._unacked: dict[str, tuple[int, bytes, dict[str, str] | None, float]] = {}
+        self._subject_of: dict[int, str] = {}     # seq -> subject, for the acks
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._values = {t: RESIDENCY.encode(Residency(tier=t, instance=instance))  # type: ignore[arg-type]
+                        for t in TIERS}
 
     async def purge(self) -> None:
         """Remove every key of this worker from the bucket."""
@@ -97,17 +103,32 @@ class ResidencyPublisher:
                 await self._sub.unsubscribe()
         await self.purge()
 
+    async def resync(self) -> None:
+        """Publish everything the engine holds again (after the worker was away long
+        enough for routers to purge its keys)."""
+        self.engine.residency_changes()  # older than the snapshot below
+        self._unacked.clear()
+        self._subject_of.clear()
+        self._room.set()
+        self._pending = dict(self.engine.residency_snapshot())
+        log.info("worker %s: publishing its %d cached blocks again", self.worker_id,
+                 len(self._pending))
+
     async def _on_ack(self, msg: Msg) -> None:
-        seq = int(msg.subject.rpartition(".")[2])
-        if (msg.headers and msg.headers.get("Status") == "503") or b'"error"' in msg.data:
-            return  # no stream, or refused: stays unacked and is sent again
-        self._unacked.pop(seq, None)
+        subject = self._subject_of.pop(int(msg.subject.rpartition(".")[2]), None)
+        if subject is None:
+            return  # a resent or replaced put's late ack
+        if msg.headers and msg.headers.get("Status") == "503":
+            return  # no stream right now: stays unacked and is sent again
+        if b'"error"' in msg.data:
+            log.warning("residency put %s refused: %s", subject, msg.data[:200])
+        self._unacked.pop(subject, None)
         if len(self._unacked) < self.window:
             self._room.set()
 
     async def _send(self, subject: str, payload: bytes,
                     headers: dict[str, str] | None) -> None:
-        while len(self._unacked) >= self.window:
+        while len(self._unacked) >= self.window and subject not in self._unacked:
             self._room.clear()
             try:
                 async with asyncio.timeout(self.ack_timeout):
@@ -115,45 +136,49 @@ class ResidencyPublisher:
             except TimeoutError:
                 await self.resend_overdue()
         self._seq += 1
-        self._unacked[self._seq] = (subject, payload, headers,
-                                    asyncio.get_running_loop().time())
+        old = self._unacked.get(subject)
+        if old is not None:
+            self._subject_of.pop(old[0], None)  # superseded: only the latest counts
+        self._unacked[subject] = (self._seq, payload, headers,
+                                  asyncio.get_running_loop().time())
+        self._subject_of[self._seq] = subject
         await self.bus.nc.publish(subject, payload, reply=f"{self._inbox}.{self._seq}",
                                   headers=headers)
 
     async def resend_overdue(self) -> None:
         now = asyncio.get_running_loop().time()
-        for seq, (subject, payload, headers, sent) in list(self._unacked.items()):
-            if now - sent >= self.ack_timeout and seq in self._unacked:
-                self._unacked[seq] = (subject, payload, headers, now)
+        for subject, (_, payload, headers, sent) in list(self._unacked.items()):
+            if now - sent >= self.ack_timeout and subject in self._unacked:
                 self.resent += 1
-                await self.bus.nc.publish(subject, payload, reply=f"{self._inbox}.{seq}",
-                                          headers=headers)
+                await self._send(subject, payload, headers)
 
     async def publish_changes(self) -> int:
         """Publish what changed since the last call; returns how many keys."""
-        changes = self.engine.residency_changes()
-        if not changes:
-            return 0
-        names, wid = self.bus.names, self.worker_id
-        values = {t: RESIDENCY.encode(Residency(tier=t, instance=self.instance))  # type: ignore[arg-type]
-                  for t in TIERS}
-        for block_hash, tier in changes.items():
+        pending = self._pending
+        pending.update(self.engine.residency_changes())
+        names, wid, sent = self.bus.names, self.worker_id, 0
+        for block_hash, tier in list(pending.items()):
+            if self._pending is not pending:
+                break  # resynced meanwhile: the snapshot goes next
             subject = names.residency_subject(wid, block_hash)
             if tier is None:
                 await self._send(subject, b"", _PURGE)
             else:
-                await self._send(subject, values[tier], None)
-        self.published += len(changes)
-        return len(changes)
+                await self._send(subject, self._values[tier], None)
+            if pending.get(block_hash, ...) == tier:
+                del pending[block_hash]
+            sent += 1
+        self.published += sent
+        return sent
 
     async def flush(self, timeout: float = 30.0) -> bool:
         """Wait until the server has stored everything published; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._unacked and loop.time() < deadline:
+        while (self._unacked or self._pending) and loop.time() < deadline:
             await asyncio.sleep(0.01)
             await self.resend_overdue()
-        return not self._unacked
+        return not self._unacked and not self._pending
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -165,12 +190,15 @@ class ResidencyPublisher:
             await asyncio.sleep(self.interval)
 
 
-def _pending(reply: str) -> int:
-    """Messages still pending after this one, from a JetStream ack subject
-    (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the
-    form with domain and account hash before the stream and a token after)."""
+def _position(reply: str) -> tuple[int, int]:
+    """A message's stream sequence and how many are still pending after it, from its
+    JetStream ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.
+    <pending>``, or the form with domain and account hash before the stream and a token
+    after)."""
     tokens = reply.split(".")
-    return int(tokens[8] if len(tokens) == 9 else tokens[10])
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[7]), int(tokens[10])
 
 
 class ResidencyWatcher:
@@ -217,17 +245,17 @@ class ResidencyWatcher:
         if self._task is None or self._closed:
             return
         self._task.cancel()
-        self._task = asyncio.create_task(self._watch())
+        self._task = asyncio.create_task(self._watch(again=True))
 
-    async def _watch(self) -> None:
-        first = True
+    async def _watch(self, *, again: bool = False) -> None:
         while not self._closed:
             try:
-                if not first:
-                    # Deletes made meanwhile may not be replayed (their markers expire):
-                    # rebuild from the contents and swap when they are all in.
+                if again:
+                    # Deletes made meanwhile may not be replayed (markers expire, a
+                    # stream purge leaves none): rebuild from the contents and swap
+                    # when they are all in.
                     self._fresh = ResidencyIndex()
-                first = False
+                again = True
                 await self._follow()
             except asyncio.CancelledError:
                 raise
@@ -243,6 +271,9 @@ class ResidencyWatcher:
             ack_policy=js_api.AckPolicy.NONE, filter_subject=f"$KV.{self._bucket}.>",
             inactive_threshold=30.0, mem_storage=True, num_replicas=1))
         name = info.name
+        # The contents are read once the stream's last message at creation is: under
+        # steady puts "nothing pending" may never come.
+        last = (await js.stream_info(stream)).state.last_seq
         snapshot = (info.num_pending or 0) > 0
         if not snapshot:
             self._snapshot_done()
@@ -260,9 +291,11 @@ class ResidencyWatcher:
             deleted = not msg.data or bool(headers and headers.get("KV-Operation"))
             self._apply(msg.subject[self._prefix:], None if deleted else msg.data)
             received += 1
-            if snapshot and _pending(msg.reply) == 0:
-                snapshot = False
-                self._snapshot_done()
+            if snapshot:
+                stream_seq, pending = _position(msg.reply)
+                if pending == 0 or stream_seq >= last:
+                    snapshot = False
+                    self._snapshot_done()
             if received >= self.BATCH:
                 batch_done.set()
 

@@ -38,7 +38,7 @@ from dynamo_bus.bus import (
 )
 from dynamo_bus.config import Config
 from dynamo_bus.consumer import PullConsumer
-from dynamo_bus.errors import ProtocolError
+from dynamo_bus.errors import NoWorker, ProtocolError
 from dynamo_bus.handback import hand_back
 from dynamo_bus.hashing import sequence_hashes
 from dynamo_bus.messages import CANCEL, RESPONSE, Error, Request
@@ -49,6 +49,10 @@ from dynamo_bus.residency import ResidencyWatcher
 from dynamo_bus.worker import WORK_ACK_WAIT
 
 log = logging.getLogger(__name__)
+
+
+class _Cancelled(Exception):
+    """A queued request was cancelled by its client."""
 
 
 class Router:
@@ -145,7 +149,8 @@ class Router:
             missing.cancel()
             await sweeper.close(timeout=2.0)
         if self.registry.get(worker_id) is None:
-            with contextlib.suppress(Exception):  # the blocks it held went with it
+            self.policy.index.remove_worker(worker_id)  # the blocks it held went with it
+            with contextlib.suppress(Exception):
                 await self.bus.js.purge_stream(f"KV_{names.residency_bucket}",
                                                subject=names.residency_subjects(worker_id))
             if not gone.is_set():
@@ -170,6 +175,12 @@ class Router:
             return
         try:
             decision = await self._decide(req, msg)
+        except _Cancelled:
+            await msg.ack()  # cancelled while queued: nobody waits for an answer
+            return
+        except NoWorker as exc:
+            await self._reject(msg, req, 503, "no_worker", exc.message)
+            return
         except NoEligibleWorker as exc:
             await self._reject(msg, req, 503, "no_eligible_worker", str(exc))
             return
@@ -216,21 +227,27 @@ class Router:
         self.policy.sent(req, decision)  # counted before the next request decides
         return decision
 
+    def _waiting(self, model: str | None = None) -> int:
+        """Requests in the queue still waiting (of ``model``, or all)."""
+        return sum(1 for *_, req, _, fut in self._queue
+                   if not fut.done() and (model is None or req.model == model))
+
     async def _decide(self, req: Request, msg: Msg) -> Decision | None:
         """A worker for ``req`` now, or after waiting in the queue (see the module
-        docstring)."""
+        docstring). Queued requests of other models do not hold this one up."""
         hashes = None
         if (req.routing.strategy or self.policy.default) == "kv_aware":
             hashes = sequence_hashes(req.token_ids, self.cfg.block_size)
-        if not self._queue:
+        if not self._waiting(req.model):
             try:
                 return self._try(req, hashes)
             except AllBusy:
                 if self.cfg.router_queue_size <= 0:
                     raise
-        if len(self._queue) >= self.cfg.router_queue_size:
+        waiting = self._waiting()
+        if waiting >= self.cfg.router_queue_size:
             raise AllBusy(f"all workers serving {req.model} are busy and "
-                          f"{len(self._queue)} requests wait already")
+                          f"{waiting} requests wait already")
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._queue, (-req.priority, next(self._arrivals), req, hashes, fut))
         self._queued.set()
@@ -247,39 +264,43 @@ class Router:
         finally:
             fut.cancel()  # no-op once resolved; otherwise the dispatcher skips it
 
+    def _dispatch_ready(self) -> bool:
+        """Hand every queued request that can go now to its worker, best first; a
+        request whose workers are all busy keeps its place, and holds back only the
+        requests of its own model behind it."""
+        self._queue = [e for e in self._queue if not e[-1].done()]
+        heapq.heapify(self._queue)
+        blocked: set[str] = set()
+        handed = False
+        for entry in sorted(self._queue):
+            *_, req, hashes, fut = entry
+            if req.model in blocked:
+                continue
+            if req.request_id in self._cancelled:
+                fut.set_exception(_Cancelled())
+                continue
+            try:
+                decision = self._try(req, hashes)
+            except AllBusy:
+                blocked.add(req.model)
+                continue
+            except Exception as exc:  # refused for another reason: say so
+                fut.set_exception(exc)
+                continue
+            if decision is None:
+                fut.set_exception(NoWorker(f"no live worker serves model {req.model!r}"))
+            else:
+                fut.set_result(decision)
+            handed = True
+        return handed or not self._queue
+
     async def _dispatch(self) -> None:
-        """Hand queued requests, best first, to workers as they stop being busy."""
+        """Wait for queued requests, then for workers to stop being busy."""
         while True:
             await self._queued.wait()
-            while self._queue:
-                *_, req, hashes, fut = self._queue[0]
-                if fut.done():
-                    heapq.heappop(self._queue)
-                    continue
-                outcome: list[Decision | None] = []
-
-                def ready(req: Request = req, hashes: list[int] | None = hashes,
-                          fut: asyncio.Future[Decision] = fut,
-                          outcome: list[Decision | None] = outcome) -> bool:
-                    if fut.done():
-                        return True
-                    try:
-                        outcome.append(self._try(req, hashes))
-                    except AllBusy:
-                        return False
-                    except Exception as exc:  # refused for another reason: say so
-                        fut.set_exception(exc)
-                    return True
-
-                if not await self.registry.wait_until(ready, timeout=1.0):
-                    continue
-                heapq.heappop(self._queue)
-                if outcome and not fut.done():
-                    decision = outcome[0]
-                    if decision is None:
-                        fut.set_exception(NoEligibleWorker(f"no live worker serves {req.model}"))
-                    else:
-                        fut.set_result(decision)
+            while self._waiting():
+                await self.registry.wait_until(self._dispatch_ready, timeout=1.0)
+            self._queue.clear()
             self._queued.clear()
 
     async def _reject(self, msg: Msg, req: Request, status: int, code: str, message: str,

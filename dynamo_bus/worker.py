@@ -154,6 +154,8 @@ class Worker:
 
     # -- background --------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
         while not self._closed:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             try:
@@ -165,6 +167,11 @@ class Worker:
                     await self._register()
             except Exception as exc:  # server away: keep trying, it reconnects
                 log.warning("heartbeat failed: %r", exc)
+            else:
+                if loop.time() - last_ok > self.cfg.worker_ttl and self.residency is not None:
+                    # Routers took us for gone and may have purged our residency keys.
+                    await self.residency.resync()
+                last_ok = loop.time()
             self._load_dirty.set()
 
     async def _publish_load(self) -> None:

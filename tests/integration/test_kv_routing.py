@@ -143,3 +143,71 @@ async def test_residency_puts_the_server_did_not_store_are_sent_again(nats_serve
         await pub.stop()
     finally:
         await bus.close()
+
+
+async def test_a_put_whose_ack_was_lost_never_comes_back_after_the_purge(nats_server) -> None:
+    from dynamo_bus.bus import open_bus
+    from dynamo_bus.config import Config
+    from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
+
+    cfg = Config(nats_url=nats_server.url)
+    bus = await open_bus(cfg, nats_server.url, name="t")
+    try:
+        source = _Changes()
+        pub = ResidencyPublisher(bus, source, "w0", instance=1,  # type: ignore[arg-type]
+                                 ack_timeout=0.2)
+        await pub.start()
+        on_ack = pub._on_ack
+        dropped: list[object] = []
+
+        async def lose_first(msg: Any) -> None:
+            if not dropped:
+                dropped.append(msg)
+                return
+            await on_ack(msg)
+
+        pub._on_ack = lose_first  # type: ignore[method-assign]
+        await pub._sub.unsubscribe()
+        pub._sub = await bus.nc.subscribe(pub._inbox + ".*", cb=lose_first)
+        source.pending = {7: "device"}
+        await pub.publish_changes()
+        await bus.nc.flush()
+        source.pending = {7: None}  # evicted before the put's ack came
+        await pub.publish_changes()
+        assert await pub.flush(timeout=5)
+        await asyncio.sleep(0.5)
+        await pub.resend_overdue()
+        await bus.nc.flush()
+        watcher = ResidencyWatcher(bus)
+        await watcher.start()
+        assert dropped and watcher.index.blocks_of("w0") == 0
+        await watcher.stop()
+        await pub.stop()
+    finally:
+        await bus.close()
+
+
+async def test_a_watch_restarted_after_a_reconnect_forgets_what_was_purged(nats_server) -> None:
+    from dynamo_bus.bus import open_bus
+    from dynamo_bus.config import Config
+    from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
+
+    cfg = Config(nats_url=nats_server.url)
+    bus = await open_bus(cfg, nats_server.url, name="t")
+    try:
+        source = _Changes()
+        pub = ResidencyPublisher(bus, source, "w0", instance=1)  # type: ignore[arg-type]
+        await pub.start()
+        watcher = ResidencyWatcher(bus)
+        await watcher.start()
+        source.pending = dict.fromkeys(range(1, 11), "device")
+        await pub.publish_changes()
+        assert await pub.flush(timeout=5)
+        await _until(lambda: watcher.index.blocks_of("w0") == 10)
+        await pub.purge()  # a stream purge leaves no marker for a watch to see
+        watcher._rewatch()  # what a reconnect does
+        await _until(lambda: watcher.index.blocks_of("w0") == 0)
+        await watcher.stop()
+        await pub.stop()
+    finally:
+        await bus.close()
