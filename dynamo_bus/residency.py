@@ -156,11 +156,13 @@ class ResidencyPublisher:
         """Publish what changed since the last call; returns how many keys."""
         pending = self._pending
         pending.update(self.engine.residency_changes())
-        names, wid, sent = self.bus.names, self.worker_id, 0
+        # names.residency_subject, without validating the worker id once per block
+        prefix = self.bus.names.residency_subject(self.worker_id, 0)[:-16]
+        sent = 0
         for block_hash, tier in list(pending.items()):
             if self._pending is not pending:
                 break  # resynced meanwhile: the snapshot goes next
-            subject = names.residency_subject(wid, block_hash)
+            subject = f"{prefix}{block_hash:016x}"
             if tier is None:
                 await self._send(subject, b"", _PURGE)
             else:
