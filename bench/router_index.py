@@ -128,9 +128,9 @@ def dynamo_peer(total: int) -> dict[str, Any] | None:
     return json.loads(out.stdout)
 
 
-class _Changes:
-    """What the publisher drains: a prepared batch of residency changes (the engine's
-    ``residency_changes()``), handed out once."""
+class FakeResidencySource:
+    """A fake of ``ResidencySource`` (the engine side of a publisher): hands out a
+    prepared batch of residency changes once."""
 
     def __init__(self) -> None:
         self.pending: dict[int, str | None] = {}
@@ -139,13 +139,16 @@ class _Changes:
         out, self.pending = self.pending, {}
         return out
 
+    def residency_snapshot(self) -> dict[int, str]:
+        return {}
+
 
 async def over_nats(total: int, url: str) -> dict[str, Any]:
     cfg = Config(nats_url=url, namespace=f"b{total}")
     bus = await open_bus(cfg, url, name="bench-worker")
     router_bus = await open_bus(cfg, url, name="bench-router")
-    source = _Changes()
-    pub = ResidencyPublisher(bus, source, "w0", instance=1)  # type: ignore[arg-type]
+    source = FakeResidencySource()
+    pub = ResidencyPublisher(bus, source, "w0", instance=1)
     await pub.start()
     watcher = ResidencyWatcher(router_bus)
     await watcher.start()

@@ -8,7 +8,6 @@ update them only where the configuration in this code changed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,35 +66,6 @@ async def decode_request(msg: Msg) -> Request | None:
         log.warning("dropping undecodable message on %s: %s", msg.subject, exc)
         await msg.term()
         return None
-
-
-async def watch_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None],
-                       snapshot_done: Callable[[], None], closed: Callable[[], bool]) -> None:
-    """Feed every key of ``kv`` to ``apply(key, value)`` (``None``: deleted, purged or
-    expired): the current contents first, then ``snapshot_done()``, then every change,
-    until ``closed()`` or cancellation. A watch that dies with the server starts again
-    and replays the contents."""
-    while not closed():
-        try:
-            # After a server restart JetStream takes a moment to load its streams;
-            # a watch created before that never delivers. Ask until it answers.
-            await kv.status()
-            watcher = await kv.watchall()
-            try:
-                async for entry in watcher:
-                    if entry is None:  # end of the initial snapshot
-                        snapshot_done()
-                        continue
-                    deleted = entry.operation is not None or not entry.value
-                    apply(entry.key, None if deleted else entry.value)
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the watch died (server restart): start over
-            log.warning("watch on %s failed (%s); re-watching", kv._name, exc)
-            await asyncio.sleep(0.5)
 
 
 async def connect(url: str, *, name: str,

@@ -113,19 +113,6 @@ class ResidencyIndex:
         w = self._numbers.get(worker_id)
         return 0 if w is None else self._counts[w]
 
-    def instance_of(self, worker_id: str) -> int:
-        return self._instances.get(worker_id, 0)
-
-    def tier_of(self, worker_id: str, block_hash: int) -> str | None:
-        w = self._numbers.get(worker_id)
-        held = self._blocks.get(block_hash)
-        if w is None or held is None:
-            return None
-        if isinstance(held, int):
-            return TIERS[held & 3] if held >> 2 == w else None
-        rank = held.get(w)
-        return None if rank is None else TIERS[rank]
-
     def overlaps(self, hashes: Sequence[int],
                  worker_ids: Iterable[str]) -> dict[str, tuple[int, int, int]]:
         """For each worker, how many of the leading ``hashes`` it holds (its cached

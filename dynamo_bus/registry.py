@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from nats.js.kv import KeyValue
 
-from dynamo_bus.bus import Bus, watch_bucket
+from dynamo_bus.bus import Bus
 from dynamo_bus.errors import ProtocolError
 from dynamo_bus.messages import LOAD, REGISTRATION, Load, Registration
 
@@ -73,7 +73,27 @@ class Registry:
 
     async def _watch(self, kv: KeyValue, apply: Callable[[str, bytes | None], None],
                      initial_done: asyncio.Event) -> None:
-        await watch_bucket(kv, apply, initial_done.set, lambda: self._closed)
+        while not self._closed:
+            try:
+                # After a server restart JetStream takes a moment to load its streams;
+                # a watch created before that never delivers. Ask until it answers.
+                await kv.status()
+                watcher = await kv.watchall()
+                try:
+                    async for entry in watcher:
+                        if entry is None:  # end of the initial snapshot
+                            initial_done.set()
+                            continue
+                        deleted = entry.operation is not None or not entry.value
+                        apply(entry.key, None if deleted else entry.value)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the watch died (server restart): start over
+                log.warning("watch on %s failed (%s); re-watching", kv._name, exc)
+                await asyncio.sleep(0.5)
 
     def _on_worker(self, key: str, value: bytes | None) -> None:
         loop = asyncio.get_running_loop()

@@ -24,19 +24,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from dynamo_bus.bus import RESIDENCY_MARKER_TTL, Bus
-from dynamo_bus.engines.base import Engine
 from dynamo_bus.errors import ProtocolError
 from dynamo_bus.kv_index import ResidencyIndex
 from dynamo_bus.messages import RESIDENCY, TIERS, Residency
 
 log = logging.getLogger(__name__)
+
+class ResidencySource(Protocol):
+    """What a publisher reads: an engine (``Engine.residency_changes`` and
+    ``residency_snapshot``)."""
+
+    def residency_changes(self) -> dict[int, str | None]: ...
+
+    def residency_snapshot(self) -> dict[int, str]: ...
+
 
 _PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub",
           "Nats-TTL": f"{int(RESIDENCY_MARKER_TTL)}s"}
@@ -55,7 +62,7 @@ class ResidencyPublisher:
     the engine stay here until sent, so a send that fails loses none of them.
     """
 
-    def __init__(self, bus: Bus, engine: Engine, worker_id: str, *, instance: int,
+    def __init__(self, bus: Bus, engine: ResidencySource, worker_id: str, *, instance: int,
                  interval: float = 0.02, window: int = 4096, ack_timeout: float = 2.0) -> None:
         self.bus = bus
         self.engine = engine
@@ -226,7 +233,6 @@ class ResidencyWatcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._synced = asyncio.Event()
-        self.last_update = 0.0  # time.time() of the last change applied
         bus.on_reconnect.append(self._rewatch)
 
     async def start(self, wait: float = 10.0) -> None:
@@ -338,4 +344,3 @@ class ResidencyWatcher:
             index.apply(worker_id, block_hash, None)
         else:
             index.apply(worker_id, block_hash, res.tier, res.instance)
-        self.last_update = time.time()

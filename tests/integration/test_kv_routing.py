@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+
+from dynamo_bus.bus import Bus, ensure_residency_bucket, open_bus
+from dynamo_bus.config import Config
+from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
 
 pytestmark = pytest.mark.integration
 
@@ -103,8 +108,9 @@ async def test_the_router_queue_serves_higher_priority_first(stack) -> None:
     assert finished == ["first", "high", "low"]
 
 
-class _Changes:
-    """Stands in for an engine's ``residency_changes()`` (the publisher's only call)."""
+class FakeResidencySource:
+    """A fake of ``ResidencySource`` (the engine side of a publisher): hands out the
+    changes a test sets in ``pending``."""
 
     def __init__(self) -> None:
         self.pending: dict[int, str | None] = {}
@@ -113,101 +119,88 @@ class _Changes:
         out, self.pending = self.pending, {}
         return out
 
+    def residency_snapshot(self) -> dict[int, str]:
+        return {}
 
-async def test_residency_puts_the_server_did_not_store_are_sent_again(nats_server) -> None:
-    from dynamo_bus.bus import ensure_residency_bucket, open_bus
-    from dynamo_bus.config import Config
-    from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
 
-    cfg = Config(nats_url=nats_server.url)
-    bus = await open_bus(cfg, nats_server.url, name="t")
-    try:
-        source = _Changes()
-        pub = ResidencyPublisher(bus, source, "w0", instance=1,  # type: ignore[arg-type]
-                                 window=64, ack_timeout=0.3)
+@pytest.fixture
+async def residency(nats_server) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``bus, source, pub = await residency(**publisher_settings)``: a bus with the
+    residency bucket and a started publisher for worker ``w0``, stopped afterwards."""
+    bus = await open_bus(Config(nats_url=nats_server.url), nats_server.url, name="t")
+    pubs: list[ResidencyPublisher] = []
+
+    async def make(**settings: Any) -> tuple[Bus, FakeResidencySource, ResidencyPublisher]:
+        source = FakeResidencySource()
+        pub = ResidencyPublisher(bus, source, "w0", instance=1, **settings)
         await pub.start()
-        stream = f"KV_{bus.names.residency_bucket}"
-        await bus.js.delete_stream(stream)  # the bucket is gone: nothing is stored
-        source.pending = dict.fromkeys(range(1, 201), "device")
-        sender = asyncio.create_task(pub.publish_changes())  # stalls at the window
-        await asyncio.sleep(1.0)
-        assert not sender.done() and len(pub._unacked) == 64
-        await ensure_residency_bucket(bus.js, bus.names)  # back: overdue puts go again
-        await sender
-        assert await pub.flush(timeout=20) and pub.resent > 0
-        assert (await bus.js.stream_info(stream)).state.messages == 200
-        watcher = ResidencyWatcher(bus)
-        await watcher.start()
-        assert watcher.index.blocks_of("w0") == 200
-        await watcher.stop()
+        pubs.append(pub)
+        return bus, source, pub
+
+    yield make
+    for pub in pubs:
         await pub.stop()
-    finally:
-        await bus.close()
+    await bus.close()
 
 
-async def test_a_put_whose_ack_was_lost_never_comes_back_after_the_purge(nats_server) -> None:
-    from dynamo_bus.bus import open_bus
-    from dynamo_bus.config import Config
-    from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
-
-    cfg = Config(nats_url=nats_server.url)
-    bus = await open_bus(cfg, nats_server.url, name="t")
-    try:
-        source = _Changes()
-        pub = ResidencyPublisher(bus, source, "w0", instance=1,  # type: ignore[arg-type]
-                                 ack_timeout=0.2)
-        await pub.start()
-        on_ack = pub._on_ack
-        dropped: list[object] = []
-
-        async def lose_first(msg: Any) -> None:
-            if not dropped:
-                dropped.append(msg)
-                return
-            await on_ack(msg)
-
-        pub._on_ack = lose_first  # type: ignore[method-assign]
-        await pub._sub.unsubscribe()
-        pub._sub = await bus.nc.subscribe(pub._inbox + ".*", cb=lose_first)
-        source.pending = {7: "device"}
-        await pub.publish_changes()
-        await bus.nc.flush()
-        source.pending = {7: None}  # evicted before the put's ack came
-        await pub.publish_changes()
-        assert await pub.flush(timeout=5)
-        await asyncio.sleep(0.5)
-        await pub.resend_overdue()
-        await bus.nc.flush()
-        watcher = ResidencyWatcher(bus)
-        await watcher.start()
-        assert dropped and watcher.index.blocks_of("w0") == 0
-        await watcher.stop()
-        await pub.stop()
-    finally:
-        await bus.close()
+async def _index_of(bus: Bus) -> ResidencyWatcher:
+    watcher = ResidencyWatcher(bus)
+    await watcher.start()
+    return watcher
 
 
-async def test_a_watch_restarted_after_a_reconnect_forgets_what_was_purged(nats_server) -> None:
-    from dynamo_bus.bus import open_bus
-    from dynamo_bus.config import Config
-    from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
+async def test_residency_puts_the_server_did_not_store_are_sent_again(residency) -> None:
+    bus, source, pub = await residency(window=64, ack_timeout=0.3)
+    stream = f"KV_{bus.names.residency_bucket}"
+    await bus.js.delete_stream(stream)  # the bucket is gone: nothing is stored
+    source.pending = dict.fromkeys(range(1, 201), "device")
+    sender = asyncio.create_task(pub.publish_changes())  # stalls at the window
+    await asyncio.sleep(1.0)
+    assert not sender.done() and len(pub._unacked) == 64
+    await ensure_residency_bucket(bus.js, bus.names)  # back: overdue puts go again
+    await sender
+    assert await pub.flush(timeout=20) and pub.resent > 0
+    assert (await bus.js.stream_info(stream)).state.messages == 200
+    watcher = await _index_of(bus)
+    assert watcher.index.blocks_of("w0") == 200
+    await watcher.stop()
 
-    cfg = Config(nats_url=nats_server.url)
-    bus = await open_bus(cfg, nats_server.url, name="t")
-    try:
-        source = _Changes()
-        pub = ResidencyPublisher(bus, source, "w0", instance=1)  # type: ignore[arg-type]
-        await pub.start()
-        watcher = ResidencyWatcher(bus)
-        await watcher.start()
-        source.pending = dict.fromkeys(range(1, 11), "device")
-        await pub.publish_changes()
-        assert await pub.flush(timeout=5)
-        await _until(lambda: watcher.index.blocks_of("w0") == 10)
-        await pub.purge()  # a stream purge leaves no marker for a watch to see
-        watcher._rewatch()  # what a reconnect does
-        await _until(lambda: watcher.index.blocks_of("w0") == 0)
-        await watcher.stop()
-        await pub.stop()
-    finally:
-        await bus.close()
+
+async def test_a_put_whose_ack_was_lost_never_comes_back_after_the_purge(residency) -> None:
+    bus, source, pub = await residency(ack_timeout=0.2)
+    on_ack = pub._on_ack
+    dropped: list[object] = []
+
+    async def lose_first(msg: Any) -> None:
+        if not dropped:
+            dropped.append(msg)
+            return
+        await on_ack(msg)
+
+    await pub._sub.unsubscribe()
+    pub._sub = await bus.nc.subscribe(pub._inbox + ".*", cb=lose_first)
+    source.pending = {7: "device"}
+    await pub.publish_changes()
+    await bus.nc.flush()
+    source.pending = {7: None}  # evicted before the put's ack came
+    await pub.publish_changes()
+    assert await pub.flush(timeout=5)
+    await asyncio.sleep(0.5)
+    await pub.resend_overdue()
+    await bus.nc.flush()
+    watcher = await _index_of(bus)
+    assert dropped and watcher.index.blocks_of("w0") == 0
+    await watcher.stop()
+
+
+async def test_a_watch_restarted_after_a_reconnect_forgets_what_was_purged(residency) -> None:
+    bus, source, pub = await residency()
+    watcher = await _index_of(bus)
+    source.pending = dict.fromkeys(range(1, 11), "device")
+    await pub.publish_changes()
+    assert await pub.flush(timeout=5)
+    await _until(lambda: watcher.index.blocks_of("w0") == 10)
+    await pub.purge()  # a stream purge leaves no marker for a watch to see
+    watcher._rewatch()  # what a reconnect does
+    await _until(lambda: watcher.index.blocks_of("w0") == 0)
+    await watcher.stop()
