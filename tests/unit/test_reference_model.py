@@ -12,7 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dynamo_bus.engines.reference.model import CausalLM, ForwardBatch, KVCache  # noqa: E402
+from dynamo_bus.engines.reference.model import (  # noqa: E402
+    CausalLM,
+    ForwardBatch,
+    KVCache,
+    PackedLinear,
+)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a small village by the sea, there lived"]
@@ -174,3 +179,37 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     kv = KVCache.allocate(ours.config, 8, BLOCK, torch.float32)
     torch.testing.assert_close(_prefill(ours, ids[0].tolist(), _table(40), kv=kv), expected,
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not PackedLinear.supported(torch.bfloat16, torch.device("cpu")),
+                    reason="this CPU has no native bfloat16 matmuls (no packed linears)")
+def test_packed_linears_as_accurate_as_plain(model: CausalLM, fp32_dir: Path,
+                                             tokenizer: Any) -> None:
+    """bfloat16 with oneDNN-packed linears (gate and up apart, silu fused into gate's
+    matmul) is as close to float32 as plain bfloat16 is, and picks float32's
+    greedy token wherever that is not a near tie: prefill, then a batch of decodes (every
+    model fed float32's tokens)."""
+    plain = CausalLM.from_dir(fp32_dir, torch.bfloat16)
+    packed = CausalLM.from_dir(fp32_dir, torch.bfloat16)
+    assert packed.pack_linears() == 5 * packed.config.num_layers + 1  # qkv o gate up down
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    models = (model, plain, packed)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    tables = [_table(len(ids) + 8, first=8 * i) for i, ids in enumerate(prompts)]
+    caches = [KVCache.allocate(model.config, 32, BLOCK, m.model.embed_tokens.weight.dtype)
+              for m in models]
+    batch = ForwardBatch.build([(ids, 0, t) for ids, t in zip(prompts, tables, strict=True)],
+                               BLOCK)
+    errors: dict[str, list[float]] = {"plain": [], "packed": []}
+    for j in range(6):  # the prefill, then all three decode together
+        want, *rest = (m(batch, kv).float() for m, kv in zip(models, caches, strict=True))
+        scale = want.abs().amax(-1)
+        for name, got in zip(errors, rest, strict=True):
+            errors[name].append(float(((got - want).abs().amax(-1) / scale).max()))
+        top2 = want.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale
+        assert torch.equal(rest[1].argmax(-1)[clear], want.argmax(-1)[clear]), j
+        tokens = want.argmax(-1).tolist()
+        batch = ForwardBatch.build([([tok], len(ids) + j, t) for tok, ids, t in zip(
+            tokens, prompts, tables, strict=True)], BLOCK)
+    assert max(errors["packed"]) < 1.5 * max(errors["plain"]), errors

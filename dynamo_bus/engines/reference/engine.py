@@ -180,17 +180,17 @@ class ReferenceEngine(BatchingEngine):
     def _read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         kv = self._cache()
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        k = torch.stack([layer.index_select(0, ids) for layer in kv.k], dim=1)
-        v = torch.stack([layer.index_select(0, ids) for layer in kv.v], dim=1)
-        return torch.stack([k, v], dim=1)  # [n, 2, layers, block_size, kv_heads, head_dim]
+        # [n, layers, block_size, 2, kv_heads, head_dim] -> the layout's [n, 2, layers, ...]
+        data = torch.stack([layer.index_select(0, ids) for layer in kv.layers], dim=1)
+        return data.permute(0, 3, 1, 2, 4, 5).contiguous()
 
     def _write_blocks(self, block_ids: list[int], data: Any) -> None:
         kv = self._cache()
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         data = torch.as_tensor(data).to(self.device, self.dtype)
-        for layer, (k, v) in enumerate(zip(kv.k, kv.v, strict=True)):
-            k.index_copy_(0, ids, data[:, 0, layer])
-            v.index_copy_(0, ids, data[:, 1, layer])
+        for i, layer in enumerate(kv.layers):
+            # [n, 2, block_size, kv_heads, head_dim] -> the cache's [n, block_size, 2, ...]
+            layer.index_copy_(0, ids, data[:, :, i].transpose(1, 2))
 
     def _cache(self) -> KVCache:
         if self._kv is None:

@@ -108,11 +108,15 @@ class PackedLinear(nn.Module):
     each call streams the weight without repacking it: on CPUs with native bfloat16
     matmuls (AMX / AVX-512 BF16) this is the fast path for small decode batches."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int) -> None:
         super().__init__()
-        self.out_features = linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        self.bias = None if bias is None else bias.detach()
+
+    @classmethod
+    def of(cls, linear: nn.Linear, batch_hint: int) -> PackedLinear:
+        return cls(linear.weight, linear.bias, batch_hint)
 
     @staticmethod
     def supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -123,6 +127,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def silu(self, x: Tensor) -> Tensor:
+        """``silu(self(x))``, oneDNN applying silu to the matmul's float32 result before
+        rounding: one call instead of two, one rounding."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -131,9 +140,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in float32 and cast back before the weight, as transformers does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalize in float32 and cast back before the weight, as transformers does
+        # (F.rms_norm is its pow-mean-rsqrt-mul in one call, bit for bit the same on CPU).
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -208,21 +217,27 @@ class ForwardBatch:
 
 @dataclass
 class KVCache:
-    """The paged KV cache: per layer, K and V of ``[num_blocks, block_size, kv_heads, dim]``."""
+    """The paged KV cache: per layer one ``[num_blocks, block_size, 2, kv_heads, dim]``
+    tensor, each token's K heads next to its V heads (as the fused projection emits them,
+    so a step writes both with one copy and a decode step gathers both with one), in the
+    model's dtype."""
 
-    k: list[Tensor]
-    v: list[Tensor]
+    layers: list[Tensor]
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+        shape = (num_blocks, block_size, 2, cfg.num_kv_heads, cfg.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device)
+                    for _ in range(cfg.num_layers)])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0].shape[0]
 
     @property
     def block_size(self) -> int:
-        return self.k[0].shape[1]
+        return self.layers[0].shape[1]
 
 
 class Attention(nn.Module):
@@ -235,43 +250,41 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor,
                 batch: ForwardBatch) -> Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x).unflatten(1, (self.heads + 2 * self.kv_heads, self.dim))
-        # RoPE on q and k together ([n, heads + kv_heads, dim]); sin carries the sign of
-        # rotate_half, so rotating is one roll: x * cos + roll(x) * sin.
+        # RoPE on q and k together ([n, heads + kv_heads, dim]), in place; sin carries the
+        # sign of rotate_half, so rotating is one roll: x * cos + roll(x) * sin.
         qk = qkv[:, :self.heads + self.kv_heads]
-        half = self.dim // 2
-        qk = qk * cos + qk.roll(half, -1) * sin
-        q, k = qk[:, :self.heads], qk[:, self.heads:]
-        v = qkv[:, self.heads + self.kv_heads:]
+        rolled = qk.roll(self.dim // 2, -1).mul_(sin)
+        qk.mul_(cos).add_(rolled)
+        q = qkv[:, :self.heads]
         # Write first, then read back: a sequence's new tokens attend to themselves too.
-        k_cache.view(-1, self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
-                                                              k.to(k_cache.dtype))
-        v_cache.view(-1, self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
-                                                              v.to(v_cache.dtype))
+        # qkv[:, heads:] is each token's K heads then V heads: the cache's slot layout.
+        cache.view(-1, 2 * self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
+                                                                qkv[:, self.heads:])
         if batch.decode_blocks is not None:
             # Every decoding sequence in one call over its past, gathered block by block
             # and padded to the longest; without padding no mask, as transformers.
             rows = batch.decode_rows
             n_dec, width = batch.decode_blocks.shape[0], batch.decode_width
-            ks = k_cache.index_select(0, batch.decode_blocks.view(-1)).view(
-                n_dec, -1, self.kv_heads, self.dim)[:, :width].transpose(1, 2)
-            vs = v_cache.index_select(0, batch.decode_blocks.view(-1)).view(
-                n_dec, -1, self.kv_heads, self.dim)[:, :width].transpose(1, 2)
-            qs = (q if rows is None else q[rows]).unsqueeze(2)  # [D, heads, 1, dim]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=batch.decode_mask,
-                                               enable_gqa=True).squeeze(2)
+            past = cache.index_select(0, batch.decode_blocks.view(-1)).view(
+                n_dec, -1, 2, self.kv_heads, self.dim)[:, :width]
+            ks, vs = past[:, :, 0].transpose(1, 2), past[:, :, 1].transpose(1, 2)
+            # The query heads that share a KV head act as that head's queries: [D, kv_heads,
+            # heads / kv_heads, dim] (no K/V repeated per query head, no causal mask).
+            qs = (q if rows is None else q[rows]).view(n_dec, self.kv_heads, -1, self.dim)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=batch.decode_mask)
             if rows is None:
                 return self.o_proj(o.reshape(n, self.heads * self.dim))
-            out = torch.empty_like(q)
-            out[rows] = o
+            out = q.new_empty((n, self.heads, self.dim))
+            out[rows] = o.view(n_dec, self.heads, self.dim)
         else:
-            out = torch.empty_like(q)
+            out = q.new_empty((n, self.heads, self.dim))
         for start, qlen, ctx, blocks in batch.prefills:
-            ks = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
-            vs = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            past = cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+            ks, vs = past[:, 0].transpose(0, 1), past[:, 1].transpose(0, 1)
             qs = q[start:start + qlen].transpose(0, 1)
             # 4-D, K/V repeated to every query head: what PyTorch's fused CPU kernel takes.
             rep = self.heads // self.kv_heads
@@ -294,12 +307,30 @@ class MLP(nn.Module):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.inter = i
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
+        self.gate_up_proj: nn.Linear | None = nn.Linear(h, 2 * i, bias=b)  # one matmul
         self.down_proj = nn.Linear(i, h, bias=b)
+        # Packed (see CausalLM.pack_linears): gate and up apart, silu fused into gate's
+        # matmul (fusing the product and the residual adds too measured a little faster,
+        # but moved bfloat16 rounding enough to flip near-tie greedy tokens).
+        self.gate: PackedLinear | None = None
+        self.up: PackedLinear | None = None
+
+    def pack(self, batch_hint: int) -> None:
+        if self.gate_up_proj is None:
+            return
+        w, b, i = self.gate_up_proj.weight, self.gate_up_proj.bias, self.inter
+        self.gate = PackedLinear(w[:i], None if b is None else b[:i], batch_hint)
+        self.up = PackedLinear(w[i:], None if b is None else b[i:], batch_hint)
+        self.gate_up_proj = None
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+        if self.gate_up_proj is None:
+            assert self.gate is not None and self.up is not None
+            h = self.gate.silu(x).mul_(self.up(x))
+        else:
+            gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+            h = F.silu(gate).mul_(up)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -310,9 +341,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor,
                 batch: ForwardBatch) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, batch)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -384,10 +415,13 @@ class CausalLM(nn.Module):
         if not PackedLinear.supported(weight.dtype, weight.device):
             return 0
         swapped = 0
+        for mlp in [m for m in self.modules() if isinstance(m, MLP)]:
+            mlp.pack(batch_hint)  # gate and up apart
+            swapped += 2
         for parent in list(self.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, PackedLinear(child, batch_hint))
+                    setattr(parent, name, PackedLinear.of(child, batch_hint))
                     swapped += 1
         return swapped
 
@@ -404,7 +438,7 @@ class CausalLM(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         # rotate_half(x) * sin == roll(x, dim / 2) * signed_sin: first half negated.
         sin = torch.cat((-sin[..., :sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)
-        for layer, k_cache, v_cache in zip(self.model.layers, kv.k, kv.v, strict=True):
-            x = layer(x, cos, sin, k_cache, v_cache, batch)
+        for layer, cache in zip(self.model.layers, kv.layers, strict=True):
+            x = layer(x, cos, sin, cache, batch)
         x = self.model.norm(x[batch.logits_indices])
         return self.lm_head(x)

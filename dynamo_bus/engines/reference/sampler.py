@@ -55,7 +55,9 @@ def sample(logits: Tensor, options: Sequence[SamplingOptions],
     """One token per row of ``logits`` (``[N, vocab]``, any float dtype: greedy rows take
     the argmax as is, which widening to float32 would not change; the rest is float32)."""
     n = logits.shape[0]
-    tokens = logits.argmax(-1)
+    # max(-1).indices is argmax (the first maximum too), several times faster on CPU
+    # for bfloat16 rows of a 49k vocabulary.
+    tokens = logits.max(-1).indices
     rand_rows = [i for i, o in enumerate(options) if o.temperature >= GREEDY_BELOW]
     if rand_rows:
         idx = torch.tensor(rand_rows, device=logits.device)
