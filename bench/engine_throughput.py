@@ -8,7 +8,8 @@ the same weights and the same number of threads:
   continuous batching and sampling included);
 * ``hf``: transformers ``AutoModelForCausalLM.generate`` (greedy, KV cache on);
 * ``vllm``: vLLM's offline ``LLM.generate`` (``bench/peer_vllm.py`` in the venv made by
-  ``bench/setup_vllm_peer.sh``; skipped with a note when that venv is missing).
+  ``bench/setup_vllm_peer.sh``; skipped with a note when that venv is missing);
+* ``reference-eager`` (``--device cuda``): the reference engine without CUDA graphs.
 
 Method, identical for the three (see bench/peer_vllm.py):
   decode at batch B: t_full = wall time to generate decode_tokens + 1 tokens for B
@@ -18,6 +19,8 @@ Method, identical for the three (see bench/peer_vllm.py):
   Medians over --repeats; every prompt is fresh, so no prefix cache helps.
 
     python bench/engine_throughput.py [--repeats 3] [--dtypes bfloat16,float32]
+    python bench/engine_throughput.py --device cuda --systems reference,reference-eager,hf \
+        --batches 1,8,32,64 --dtypes bfloat16 --out-name engine_throughput_cuda
 
 Results go to bench/results/engine_throughput.{md,json}.
 """
@@ -48,7 +51,7 @@ TOKEN_LO, TOKEN_HI = 100, 49000
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--system", choices=["reference", "hf"],
+    p.add_argument("--system", choices=["reference", "reference-eager", "hf"],
                    help="(internal) measure one system in this process and print JSON")
     p.add_argument("--model", help="HF-format model directory (default: SmolLM2, made "
                                    "in bench/.runs/models with the dtype's weights)")
@@ -56,6 +59,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--systems", default="reference,hf,vllm")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (reference and hf)")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=128)
@@ -121,9 +125,10 @@ def run_reference(a: argparse.Namespace) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         started = time.perf_counter()
-        eng = ReferenceEngine(model, dtype=a.dtype, device="cpu", threads=a.threads,
+        eng = ReferenceEngine(model, dtype=a.dtype, device=a.device, threads=a.threads,
                               max_num_seqs=max(64, max_b),
-                              max_num_batched_tokens=max(1024, a.prefill_len))
+                              max_num_batched_tokens=max(1024, a.prefill_len),
+                              cuda_graphs=a.system != "reference-eager")
         await eng.start()
         load_s = time.perf_counter() - started
         counter = iter(range(10**9))
@@ -150,7 +155,7 @@ def run_reference(a: argparse.Namespace) -> dict[str, Any]:
         return {"load_s": load_s, **results}
 
     res = asyncio.run(main())
-    return {"system": "reference", "torch": torch.__version__, **res}
+    return {"system": a.system, "torch": torch.__version__, **res}
 
 
 def run_hf(a: argparse.Namespace) -> dict[str, Any]:
@@ -161,14 +166,16 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, a.dtype)
     started = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval()
+    hf.to(a.device)
     load_s = time.perf_counter() - started
 
     def run(prompts: list[list[int]], n: int) -> float:
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=a.device)
         t = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            out = out.cpu()  # waits for the device
         el = time.perf_counter() - t
         assert out.shape[1] == ids.shape[1] + n
         return el
@@ -195,6 +202,8 @@ def _child(system: str, a: argparse.Namespace, model: Path, dtype: str) -> dict[
               "--batches", a.batches, "--prompt-len", str(a.prompt_len),
               "--decode-tokens", str(a.decode_tokens), "--prefill-len", str(a.prefill_len),
               "--repeats", str(a.repeats), "--seed", str(a.seed)]
+    if a.device != "cpu":
+        common += ["--device", a.device]
     if system == "vllm":
         if not VLLM_PY.exists():
             return {"system": "vllm", "error": "no .peers/vllm (bash bench/setup_vllm_peer.sh)"}
@@ -215,6 +224,12 @@ def _child(system: str, a: argparse.Namespace, model: Path, dtype: str) -> dict[
     return res
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+
+
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:,.1f}"
 
@@ -226,10 +241,13 @@ def report(a: argparse.Namespace, runs: Runs) -> str:
     batches = a.batches.split(",")
     cols = [f"decode B={b}" for b in batches] + [f"prefill {a.prefill_len}"]
     lines = [
-        "# Engine throughput: reference engine vs HF transformers vs vLLM (CPU)", "",
-        f"`python bench/engine_throughput.py --repeats {a.repeats} --dtypes {a.dtypes}` — "
+        f"# Engine throughput: reference engine vs HF transformers vs vLLM ({a.device})", "",
+        f"`python bench/engine_throughput.py --repeats {a.repeats} --dtypes {a.dtypes}"
+        + (f" --device {a.device} --systems {a.systems} --batches {a.batches}"
+           if a.device != "cpu" else "") + "` — "
         f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'host'}: "
-        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+        + (f", {_gpu_name()}" if a.device != "cpu" else "") + ", "
         f"{a.threads} threads per system, each system in its own process, one after the "
         "other in one run.", "",
         f"Decode: tokens/s at batch B (prompts of {a.prompt_len} tokens, {a.decode_tokens} "
@@ -251,7 +269,7 @@ def report(a: argparse.Namespace, runs: Runs) -> str:
             lines.append(f"| {name}{note} | " + " | ".join(_fmt(v) for v in vals(r))
                          + f" | {_fmt(r.get('load_s'))} | {_fmt(r.get('peak_rss_mib'))} |")
         ref = by_sys.get("reference")
-        for base in ("hf", "vllm"):
+        for base in ("hf", "vllm", "reference-eager"):
             if ref and base in by_sys and "error" not in ref and "error" not in by_sys[base]:
                 ratio = [x / y for x, y in zip(vals(ref), vals(by_sys[base]), strict=True)
                          if x and y]
@@ -269,7 +287,7 @@ def main() -> None:
     a = _args()
     if a.system:
         a.model = a.model or str(model_for(a.dtype))
-        res = run_reference(a) if a.system == "reference" else run_hf(a)
+        res = run_hf(a) if a.system == "hf" else run_reference(a)
         res.update(dtype=a.dtype, threads=a.threads, peak_rss_mib=round(_rss_mib(), 1))
         print(json.dumps(res))
         return

@@ -81,6 +81,8 @@ _HELP = {
     "device": "reference engine: auto, cpu, cuda or cuda:N",
     "threads": "reference engine on CPU: PyTorch threads (0: every core this process may use)",
     "kv_cache_gib": "reference engine: KV cache size in GiB when --num-blocks is 0",
+    "cuda_graphs": "reference engine on CUDA: replay decode steps from captured CUDA graphs "
+                   "(false: every step eager)",
     "log_level": "debug, info, warning or error",
 }
 

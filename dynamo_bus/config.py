@@ -60,6 +60,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "auto"                 # reference: auto, cpu, cuda, cuda:N
     threads: int = 0                     # reference on CPU: torch threads; 0: every core
     kv_cache_gib: float = 1.0            # reference: KV cache size when num_blocks is 0
+    cuda_graphs: bool = True             # reference on CUDA: decode steps from CUDA graphs
     # logging
     log_level: str = "info"
 

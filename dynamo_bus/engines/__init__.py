@@ -32,7 +32,8 @@ def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
                                threads=cfg.threads, block_size=cfg.block_size,
                                num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
                                max_num_seqs=cfg.max_concurrency,
-                               max_num_batched_tokens=cfg.max_batched_tokens or 1024)
+                               max_num_batched_tokens=cfg.max_batched_tokens or 1024,
+                               cuda_graphs=cfg.cuda_graphs)
     except (ValueError, NotImplementedError) as exc:
         raise ConfigError(f"reference engine: {exc}") from exc
 

@@ -6,7 +6,8 @@ Each step the scheduler's prefill chunks and decode tokens become one flat
 run on one dedicated thread (PyTorch releases the GIL inside its kernels, so the worker's
 event loop keeps streaming tokens meanwhile). The KV cache is paged in the block pool's
 blocks, so prefix caching, preemption and whole-block KV export/import work on the same
-block ids the scheduler hands out.
+block ids the scheduler hands out. On CUDA, pure decode steps replay captured CUDA graphs
+(:mod:`dynamo_bus.engines.reference.graphs`) unless ``cuda_graphs`` is off.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from dynamo_bus.engines.base import EngineRequest, KVLayout
+from dynamo_bus.engines.reference.graphs import DecodeGraphs
 from dynamo_bus.engines.reference.model import (
     CausalLM,
     ForwardBatch,
@@ -69,7 +71,8 @@ class ReferenceEngine(BatchingEngine):
                  dtype: str = "auto", device: str = "auto", threads: int = 0,
                  block_size: int = 16, num_blocks: int = 0,
                  kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 1024, seed: int | None = None) -> None:
+                 max_num_batched_tokens: int = 1024, seed: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.device = pick_device(device)
         self.dtype_name = pick_dtype(dtype, self.device)
         self.dtype = DTYPES[self.dtype_name]
@@ -87,6 +90,8 @@ class ReferenceEngine(BatchingEngine):
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens)
         self._seed = seed
+        self._use_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: DecodeGraphs | None = None
         self._model: CausalLM | None = None
         self._kv: KVCache | None = None
         self._shared_gen: torch.Generator | None = None
@@ -98,9 +103,12 @@ class ReferenceEngine(BatchingEngine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync)
-        log.info("reference engine: %s loaded in %.1f s (%s on %s, %d threads, %d KV blocks "
+        log.info("reference engine: %s loaded in %.1f s (%s on %s, %s, %d KV blocks "
                  "of %d tokens = %.2f GiB)", self.model, time.monotonic() - started,
-                 self.dtype_name, self.device, self.threads, self.num_blocks, self.block_size,
+                 self.dtype_name, self.device,
+                 f"{self.threads} threads" if self.device.type == "cpu" else
+                 "CUDA graphs for decode" if self._use_graphs else "eager",
+                 self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size * self.kv_bytes_per_token / 2**30)
 
     def _load_sync(self) -> None:
@@ -109,8 +117,15 @@ class ReferenceEngine(BatchingEngine):
         ensure_weights(self.model_dir, self.dtype_name, progress=True)
         self._model = CausalLM.from_dir(self.model_dir.path, self.dtype, self.device)
         self._model.pack_linears()
-        self._kv = KVCache.allocate(self._model.config, self.num_blocks, self.block_size,
+        # One block more than the pool hands out: the scratch block padded graph rows
+        # write to.
+        self._kv = KVCache.allocate(self._model.config, self.num_blocks + 1, self.block_size,
                                     self.dtype, self.device)
+        if self._use_graphs:
+            self._graphs = DecodeGraphs(
+                self._model, self._kv, scratch_block=self.num_blocks,
+                max_batch=self.max_num_seqs,
+                max_blocks=-(-self.context_length // self.block_size), capture=True)
         self._shared_gen = torch.Generator(device=self.device)
         if self._seed is not None:
             self._shared_gen.manual_seed(self._seed)
@@ -124,11 +139,16 @@ class ReferenceEngine(BatchingEngine):
                                        self.device), self._kv)
         self._model(ForwardBatch.build([([1], n, table)], self.block_size, self.device), self._kv)
 
+    @property
+    def num_decode_graphs(self) -> int:
+        """CUDA graphs recorded so far (0 on CPU, with graphs off, or after they failed)."""
+        return 0 if self._graphs is None else self._graphs.num_graphs
+
     async def _unload(self) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True)
-        self._model = self._kv = None
+        self._model = self._kv = self._graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -140,6 +160,11 @@ class ReferenceEngine(BatchingEngine):
     async def _execute(self, prefills: list[tuple[Seq, int]],
                        decodes: list[Seq]) -> list[Sampled | None]:
         table = self.pool.block_table
+        loop = asyncio.get_running_loop()
+        if not prefills and self._graphs is not None:
+            tokens = await self._graph_step(decodes)
+            if tokens is not None:
+                return list(tokens)
         # Read the block tables now, before the first await (see BatchingEngine).
         entries: list[tuple[list[int], int, list[int]]] = []
         want: list[bool] = []
@@ -154,10 +179,38 @@ class ReferenceEngine(BatchingEngine):
         sampled_seqs = [s for (s, _), w in zip(prefills, want, strict=False) if w] + decodes
         options = [s.sampling for s in sampled_seqs]
         gens = [s.state for s in sampled_seqs]
-        loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._executor, self._step, batch, options, gens)
         it = iter(tokens)
         return [next(it) if w else None for w in want]
+
+    async def _graph_step(self, decodes: list[Seq]) -> list[Sampled] | None:
+        """A pure decode step from a CUDA graph; None when it does not fit one (or graphs
+        just failed and are now off), for the eager path to run it."""
+        graphs, bs = self._graphs, self.block_size
+        assert graphs is not None
+        need = max(seq.num_computed // bs + 1 for seq in decodes)
+        if not graphs.fits(len(decodes), need):
+            return None
+        # The block tables are read now, before the first await (see BatchingEngine).
+        rows = [(seq.tokens[-1], seq.num_computed,
+                 self.pool.block_table(seq.request_id)[:seq.num_computed // bs + 1])
+                for seq in decodes]
+        options = [s.sampling for s in decodes]
+        gens = [s.state for s in decodes]
+
+        def step() -> list[Sampled]:
+            with torch.inference_mode():
+                return sample(graphs.run(rows), options, gens, self._shared_gen)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, step)
+        except RuntimeError:
+            # A step that cannot be captured is a bug to report, not a reason to stop
+            # serving: the eager path computes the same step.
+            log.exception("reference engine: CUDA graph decode failed; decoding eagerly "
+                          "from now on")
+            self._graphs = None
+            return None
 
     def _step(self, batch: ForwardBatch, options: list[Any], gens: list[Any]) -> list[Sampled]:
         model, kv = self._model, self._kv
