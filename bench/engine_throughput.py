@@ -17,6 +17,9 @@ Method, identical for the three (see bench/peer_vllm.py):
   time for 1 token of B other prompts; tok/s = B * decode_tokens / (t_full - t_first).
   prefill: one prefill_len-token prompt, 1 output token: prefill_len / t.
   Medians over --repeats; every prompt is fresh, so no prefix cache helps.
+  --rounds N runs the systems in turn N times (A B C A B C ...), so a slow minute on a
+  shared machine hits all of them; each cell is the median over rounds, and each ratio
+  the median of the per-round ratios.
 
     python bench/engine_throughput.py [--repeats 3] [--dtypes bfloat16,float32]
     python bench/engine_throughput.py --device cuda --systems reference,reference-eager,hf \
@@ -65,6 +68,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the systems in turn this many times")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-name", default="engine_throughput")
     p.add_argument("--report-only", action="store_true",
@@ -224,6 +229,27 @@ def _child(system: str, a: argparse.Namespace, model: Path, dtype: str) -> dict[
     return res
 
 
+def _values(r: dict[str, Any], a: argparse.Namespace) -> list[float]:
+    """Decode tok/s per batch, then prefill tok/s."""
+    return ([r["decode"][b]["tok_s"] for b in a.batches.split(",")]
+            + [r["prefill"][str(a.prefill_len)]["tok_s"]])
+
+
+def _merge_rounds(rounds: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, Any]:
+    """One system's rounds as one result: medians per cell, the rounds kept."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[0]
+    merged = dict(ok[0], rounds=[_values(r, a) for r in ok], errors=len(rounds) - len(ok))
+    merged["decode"] = {b: {"tok_s": statistics.median(r["decode"][b]["tok_s"] for r in ok)}
+                        for b in a.batches.split(",")}
+    pl = str(a.prefill_len)
+    merged["prefill"] = {pl: {"tok_s": statistics.median(r["prefill"][pl]["tok_s"] for r in ok)}}
+    merged["load_s"] = statistics.median(r["load_s"] for r in ok)
+    merged["peak_rss_mib"] = max(r.get("peak_rss_mib", 0) for r in ok)
+    return merged
+
+
 def _gpu_name() -> str:
     import torch
 
@@ -242,18 +268,20 @@ def report(a: argparse.Namespace, runs: Runs) -> str:
     cols = [f"decode B={b}" for b in batches] + [f"prefill {a.prefill_len}"]
     lines = [
         f"# Engine throughput: reference engine vs HF transformers vs vLLM ({a.device})", "",
-        f"`python bench/engine_throughput.py --repeats {a.repeats} --dtypes {a.dtypes}"
+        f"`python bench/engine_throughput.py --repeats {a.repeats} --rounds {a.rounds} "
+        f"--dtypes {a.dtypes}"
         + (f" --device {a.device} --systems {a.systems} --batches {a.batches}"
            if a.device != "cpu" else "") + "` — "
         f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'host'}: "
         f"{os.cpu_count()} cores ({platform.processor() or platform.machine()})"
         + (f", {_gpu_name()}" if a.device != "cpu" else "") + ", "
         f"{a.threads} threads per system, each system in its own process, one after the "
-        "other in one run.", "",
+        f"other, {a.rounds} round(s) in turn in one run.", "",
         f"Decode: tokens/s at batch B (prompts of {a.prompt_len} tokens, {a.decode_tokens} "
         "decoded tokens, prefill time subtracted); prefill: tokens/s for one "
-        f"{a.prefill_len}-token prompt. Medians of {a.repeats} repeats; fresh random "
-        "prompts, greedy, EOS ignored.", ""]
+        f"{a.prefill_len}-token prompt. Medians of {a.repeats} repeats (and over rounds; "
+        "a ratio is the median of the per-round ratios); fresh random prompts, greedy, "
+        "EOS ignored.", ""]
     for dtype, by_sys in runs.items():
         lines += [f"## {dtype}", "", "| system | " + " | ".join(cols)
                   + " | load s | peak RSS MiB |", "|---|" + "---:|" * (len(cols) + 2)]
@@ -271,8 +299,14 @@ def report(a: argparse.Namespace, runs: Runs) -> str:
         ref = by_sys.get("reference")
         for base in ("hf", "vllm", "reference-eager"):
             if ref and base in by_sys and "error" not in ref and "error" not in by_sys[base]:
-                ratio = [x / y for x, y in zip(vals(ref), vals(by_sys[base]), strict=True)
-                         if x and y]
+                other = by_sys[base]
+                if "rounds" in ref and "rounds" in other:
+                    pairs = list(zip(ref["rounds"], other["rounds"], strict=False))
+                    ratio = [statistics.median(r[i] / o[i] for r, o in pairs)
+                             for i in range(len(cols))]
+                else:
+                    ratio = [x / y for x, y in zip(vals(ref), vals(other), strict=True)
+                             if x and y]
                 lines.append(f"| **reference ÷ {base}** | "
                              + " | ".join(f"**{v:.2f}x**" for v in ratio) + " | | |")
         lines.append("")
@@ -299,7 +333,12 @@ def main() -> None:
     runs = {}
     for dtype in a.dtypes.split(","):
         model = Path(a.model) if a.model else model_for(dtype)
-        runs[dtype] = {s: _child(s, a, model, dtype) for s in a.systems.split(",")}
+        systems = a.systems.split(",")
+        rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+        for _ in range(a.rounds):
+            for s in systems:
+                rounds[s].append(_child(s, a, model, dtype))
+        runs[dtype] = {s: _merge_rounds(rs, a) for s, rs in rounds.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{a.out_name}.json").write_text(json.dumps(runs, indent=1) + "\n")
     text = report(a, runs)
