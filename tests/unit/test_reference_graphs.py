@@ -147,31 +147,39 @@ def _counted(run: Any, counts: list[int], rows: Any) -> Any:
     return run(rows)
 
 
-async def test_engine_graph_path_on_cpu_decodes_as_eager(fp32_dir: Path) -> None:
+def _fails(rows: Any) -> Any:
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+async def test_engine_graph_path_on_cpu_decodes_as_eager(fp32_dir: Path, caplog: Any) -> None:
     """The engine's graph path (block tables, buckets, sampling) wired to uncaptured
     DecodeGraphs on CPU, which is all a CPU can run of it, gives the eager engine's
-    tokens."""
+    tokens; so does an engine whose graphs fail, decoding eagerly from then on."""
     from dynamo_bus.engines.reference.engine import ReferenceEngine
     from dynamo_bus.modeldir import load_model_dir
 
     model_dir = load_model_dir(fp32_dir)
     outputs, rows_per_step = [], []
-    for wire in (False, True):
+    for wire in ("eager", "graphs", "failing"):
         eng = ReferenceEngine(model_dir, device="cpu", dtype="float32", threads=2,
                               num_blocks=64, max_num_seqs=4)
         await eng.start()
         try:
-            if wire:
+            if wire != "eager":
                 assert eng._model is not None and eng._kv is not None
                 graphs = DecodeGraphs(eng._model, eng._kv, scratch_block=eng.num_blocks,
                                       max_batch=4, max_blocks=8, capture=False)
-                graphs.run = functools.partial(  # type: ignore[method-assign]
-                    _counted, graphs.run, rows_per_step)
+                graphs.run = (  # type: ignore[method-assign]
+                    functools.partial(_counted, graphs.run, rows_per_step)
+                    if wire == "graphs" else _fails)
                 eng._graphs = graphs
             outputs.append(await _generate_all(eng))
+            if wire == "failing":
+                assert eng._graphs is None
+                assert "decoding eagerly from now on" in caplog.text
         finally:
             await eng.stop()
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
     assert all(len(t) == 40 for t in outputs[1])
     # Decode steps went through the graphs, all three sequences batched together.
     assert len(rows_per_step) >= 30 and max(rows_per_step) == 3

@@ -184,8 +184,8 @@ class ReferenceEngine(BatchingEngine):
         return [next(it) if w else None for w in want]
 
     async def _graph_step(self, decodes: list[Seq]) -> list[Sampled] | None:
-        """A pure decode step from a CUDA graph; None when it does not fit one (or graphs
-        just failed and are now off), for the eager path to run it."""
+        """A pure decode step from a CUDA graph; None when it does not fit one, for the
+        eager path to run it."""
         graphs, bs = self._graphs, self.block_size
         assert graphs is not None
         need = max(seq.num_computed // bs + 1 for seq in decodes)
@@ -202,15 +202,17 @@ class ReferenceEngine(BatchingEngine):
             with torch.inference_mode():
                 return sample(graphs.run(rows), options, gens, self._shared_gen)
 
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, step)
+            return await loop.run_in_executor(self._executor, step)
         except RuntimeError:
             # A step that cannot be captured is a bug to report, not a reason to stop
-            # serving: the eager path computes the same step.
+            # serving: this step and all later ones run eagerly, from the same rows.
             log.exception("reference engine: CUDA graph decode failed; decoding eagerly "
                           "from now on")
             self._graphs = None
-            return None
+        batch = ForwardBatch.build([([tok], pos, tb) for tok, pos, tb in rows], bs, self.device)
+        return await loop.run_in_executor(self._executor, self._step, batch, options, gens)
 
     def _step(self, batch: ForwardBatch, options: list[Any], gens: list[Any]) -> list[Sampled]:
         model, kv = self._model, self._kv
