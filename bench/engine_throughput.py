@@ -287,10 +287,7 @@ def report(a: argparse.Namespace, runs: Runs) -> str:
                   + " | load s | peak RSS MiB |", "|---|" + "---:|" * (len(cols) + 2)]
 
         def vals(r: dict[str, Any]) -> list[float | None]:
-            if "error" in r:
-                return [None] * len(cols)
-            return ([r["decode"][b]["tok_s"] for b in batches]
-                    + [r["prefill"][str(a.prefill_len)]["tok_s"]])
+            return [None] * len(cols) if "error" in r else list(_values(r, a))
 
         for name, r in by_sys.items():
             note = f" ({r['error']})" if "error" in r else ""

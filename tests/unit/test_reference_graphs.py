@@ -147,8 +147,16 @@ def _counted(run: Any, counts: list[int], rows: Any) -> Any:
     return run(rows)
 
 
-def _fails(rows: Any) -> Any:
-    raise RuntimeError("operation not permitted when stream is capturing")
+class FakeFailingGraphs:
+    """A fake DecodeRunner whose every step fails as a CUDA graph capture can."""
+
+    num_graphs = 0
+
+    def fits(self, batch: int, blocks: int) -> bool:
+        return True
+
+    def run(self, decodes: Any) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
 
 
 async def test_engine_graph_path_on_cpu_decodes_as_eager(fp32_dir: Path, caplog: Any) -> None:
@@ -165,14 +173,15 @@ async def test_engine_graph_path_on_cpu_decodes_as_eager(fp32_dir: Path, caplog:
                               num_blocks=64, max_num_seqs=4)
         await eng.start()
         try:
-            if wire != "eager":
+            if wire == "graphs":
                 assert eng._model is not None and eng._kv is not None
                 graphs = DecodeGraphs(eng._model, eng._kv, scratch_block=eng.num_blocks,
                                       max_batch=4, max_blocks=8, capture=False)
-                graphs.run = (  # type: ignore[method-assign]
-                    functools.partial(_counted, graphs.run, rows_per_step)
-                    if wire == "graphs" else _fails)
+                graphs.run = functools.partial(  # type: ignore[method-assign]
+                    _counted, graphs.run, rows_per_step)
                 eng._graphs = graphs
+            elif wire == "failing":
+                eng._graphs = FakeFailingGraphs()
             outputs.append(await _generate_all(eng))
             if wire == "failing":
                 assert eng._graphs is None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dynamo_bus.engines.base import EngineRequest, KVLayout
-from dynamo_bus.engines.reference.graphs import DecodeGraphs
+from dynamo_bus.engines.reference.graphs import DecodeGraphs, DecodeRunner
 from dynamo_bus.engines.reference.model import (
     CausalLM,
     ForwardBatch,
@@ -91,7 +91,7 @@ class ReferenceEngine(BatchingEngine):
                          max_num_batched_tokens=max_num_batched_tokens)
         self._seed = seed
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: DecodeGraphs | None = None
+        self._graphs: DecodeRunner | None = None
         self._model: CausalLM | None = None
         self._kv: KVCache | None = None
         self._shared_gen: torch.Generator | None = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -48,6 +49,17 @@ def width_buckets(max_blocks: int) -> list[int]:
         widths.append(w)
         w *= 2
     return [*widths, max_blocks]
+
+
+class DecodeRunner(Protocol):
+    """What the engine asks of graph-replayed decode steps (:class:`DecodeGraphs`)."""
+
+    @property
+    def num_graphs(self) -> int: ...
+
+    def fits(self, batch: int, blocks: int) -> bool: ...
+
+    def run(self, decodes: Sequence[tuple[int, int, Sequence[int]]]) -> Tensor: ...
 
 
 class DecodeGraphs:
