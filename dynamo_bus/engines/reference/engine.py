@@ -29,7 +29,7 @@ from dynamo_bus.engines.reference.model import (
     ForwardBatch,
     KVCache,
     ModelConfig,
-    PackedLinear,
+    cpu_has_native_bf16,
 )
 from dynamo_bus.engines.reference.sampler import make_generator, sample
 from dynamo_bus.engines.scheduler import BatchingEngine, Sampled, Seq
@@ -59,7 +59,7 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
         return dtype
     if device.type == "cuda":
         return "bfloat16"
-    return "bfloat16" if PackedLinear.supported(torch.bfloat16, device) else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 class ReferenceEngine(BatchingEngine):
