@@ -29,6 +29,7 @@ from dynamo_bus.engines.reference.model import (
     ForwardBatch,
     KVCache,
     ModelConfig,
+    PackedLinear,
     cpu_has_native_bf16,
 )
 from dynamo_bus.engines.reference.sampler import make_generator, sample
@@ -117,6 +118,10 @@ class ReferenceEngine(BatchingEngine):
         ensure_weights(self.model_dir, self.dtype_name, progress=True)
         self._model = CausalLM.from_dir(self.model_dir.path, self.dtype, self.device)
         self._model.pack_linears()
+        plan = PackedLinear.plan(self.dtype, self.device)
+        if plan is not None and plan[0] != self.dtype:
+            log.info("reference engine: this CPU has no native %s matmuls; they run widened "
+                     "to %s", self.dtype_name, str(plan[0]).removeprefix("torch."))
         # One block more than the pool hands out: the scratch block padded graph rows
         # write to.
         self._kv = KVCache.allocate(self._model.config, self.num_blocks + 1, self.block_size,
