@@ -136,6 +136,24 @@ async def run_one(system: str, rnd: int, a: argparse.Namespace, model_dir: Path,
     return out
 
 
+def cpu_line() -> str:
+    """The CPU model and whether it has native bfloat16 matmuls (AVX512-BF16 or AMX):
+    without them both systems run bfloat16 through float32 kernels."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{name}, " + (f"native bfloat16 ({', '.join(native)})" if native
+                          else "no native bfloat16 (no AVX512-BF16, no AMX)")
+
+
 def _med(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -144,9 +162,11 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], model_dir: Path) -
     lines = [
         "# End to end through `serve`: dynamo-bus (reference engine) vs vLLM's OpenAI server",
         "",
-        f"`python bench/serve_e2e.py --rounds {a.rounds} --requests {a.requests}` — "
+        f"`python bench/serve_e2e.py --rounds {a.rounds} --requests {a.requests}"
+        + (f" --dtype {a.dtype}" if a.dtype != "bfloat16" else "")
+        + (f" --out-name {a.out_name}" if a.out_name != "serve_e2e" else "") + "` — "
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
-        f"({platform.machine()}), {a.dtype}, {a.threads} engine threads, model "
+        f"({cpu_line()}), {a.dtype}, {a.threads} engine threads, model "
         f"{model_dir.name}.", "",
         f"{a.requests} streaming chat requests at concurrency {a.concurrency}, "
         f"~{a.prompt_tokens} prompt tokens each (distinct), {a.max_tokens} output tokens "
