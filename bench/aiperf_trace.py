@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import loadgen
 import peer_dynamo as pd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,13 +193,7 @@ def run_aiperf(argv: list[str], env: dict[str, str], log: Path, cap_s: float) ->
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}"
+    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {loadgen.cpu_model()}"
 
 
 def aiperf_version() -> str:

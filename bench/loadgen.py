@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
 import random
 import resource
 import statistics
@@ -169,6 +171,15 @@ def machine_busy_s() -> float:
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), for the machine line of a report."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _pct(xs: list[float], q: float) -> float | None:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -137,21 +136,11 @@ async def run_one(system: str, rnd: int, a: argparse.Namespace, model_dir: Path,
 
 
 def cpu_line() -> str:
-    """The CPU model and whether it has native bfloat16 matmuls (AVX512-BF16 or AMX):
-    without them both systems run bfloat16 through float32 kernels."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    return f"{name}, " + (f"native bfloat16 ({', '.join(native)})" if native
-                          else "no native bfloat16 (no AVX512-BF16, no AMX)")
+    """The CPU model and whether it multiplies bfloat16 natively (the engine's own test):
+    without AVX512-BF16 or AMX both systems run bfloat16 through float32 kernels."""
+    from dynamo_bus.engines.reference.model import cpu_has_native_bf16
+    return f"{loadgen.cpu_model()}, " + ("native bfloat16" if cpu_has_native_bf16()
+                                         else "no native bfloat16 (no AVX512-BF16, no AMX)")
 
 
 def _med(rows: list[dict[str, Any]], key: str) -> float:
