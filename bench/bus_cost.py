@@ -36,15 +36,15 @@ from pathlib import Path
 import uvloop
 from nats.js import api as js_api
 
-from dynamo_bus.bus import connect, open_bus
+from dynamo_bus.bus.connection import connect, open_bus
+from dynamo_bus.bus.messages import Fingerprint, Request, SamplingOptions
+from dynamo_bus.bus.natsserver import EmbeddedNats
+from dynamo_bus.bus.registry import Registry
 from dynamo_bus.config import Config
 from dynamo_bus.engines.base import Engine, EngineLoad, EngineOutput, EngineRequest
-from dynamo_bus.messages import Fingerprint, Request, SamplingOptions
-from dynamo_bus.natsserver import EmbeddedNats
-from dynamo_bus.registry import Registry
-from dynamo_bus.requester import Requester
-from dynamo_bus.router import Router
-from dynamo_bus.worker import Worker
+from dynamo_bus.routing.router import Router
+from dynamo_bus.serving.requester import Requester
+from dynamo_bus.worker.runtime import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"

@@ -120,10 +120,10 @@ def _rss_mib() -> float:
 def run_reference(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from dynamo_bus.bus.messages import SamplingOptions
     from dynamo_bus.engines.base import EngineRequest
     from dynamo_bus.engines.reference.engine import ReferenceEngine
-    from dynamo_bus.messages import SamplingOptions
-    from dynamo_bus.modeldir import load_model_dir
+    from dynamo_bus.models.modeldir import load_model_dir
 
     model = load_model_dir(Path(a.model))
     max_b = max(int(x) for x in a.batches.split(","))
@@ -191,8 +191,8 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
 
 def model_for(dtype: str) -> Path:
     """SmolLM2 with ``dtype`` weights in a directory of the benchmark's own."""
-    from dynamo_bus.modeldir import resolve_model
-    from dynamo_bus.weights import ensure_weights
+    from dynamo_bus.models.modeldir import resolve_model
+    from dynamo_bus.models.weights import ensure_weights
 
     src = resolve_model(None, progress=True)
     dest = ROOT / "bench" / ".runs" / "models" / f"{src.name}-{dtype}"

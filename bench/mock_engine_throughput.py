@@ -16,9 +16,9 @@ import argparse
 import asyncio
 import time
 
+from dynamo_bus.bus.messages import SamplingOptions
 from dynamo_bus.engines.base import EngineRequest
 from dynamo_bus.engines.mock import MockEngine
-from dynamo_bus.messages import SamplingOptions
 
 PROMPT_TOKENS = 1000
 OUTPUT_TOKENS = 64

@@ -276,7 +276,7 @@ def start_nats(run_dir: Path, name: str = "nats") -> tuple[Proc, int]:
     store.mkdir(parents=True, exist_ok=True)
     # The same nats-server binary and Go scheduler setting dynamo-bus's embedded server
     # uses (see dynamo_bus/natsserver.py), so both systems get the same broker.
-    from dynamo_bus.natsserver import server_env
+    from dynamo_bus.bus.natsserver import server_env
 
     p = spawn(
         name, [str(NATS_SERVER), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store)],

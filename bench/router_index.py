@@ -38,15 +38,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dynamo_bus.bus import open_bus  # noqa: E402
+from dynamo_bus.bus.connection import open_bus  # noqa: E402
+from dynamo_bus.bus.messages import Fingerprint, Load, Registration, Request  # noqa: E402
+from dynamo_bus.bus.natsserver import EmbeddedNats  # noqa: E402
 from dynamo_bus.config import Config  # noqa: E402
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes  # noqa: E402
-from dynamo_bus.kv_index import ResidencyIndex  # noqa: E402
-from dynamo_bus.messages import Fingerprint, Load, Registration, Request  # noqa: E402
-from dynamo_bus.natsserver import EmbeddedNats  # noqa: E402
-from dynamo_bus.policy import RoutingPolicy  # noqa: E402
-from dynamo_bus.report import percentile  # noqa: E402
-from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher  # noqa: E402
+from dynamo_bus.routing.kv_index import ResidencyIndex  # noqa: E402
+from dynamo_bus.routing.policy import RoutingPolicy  # noqa: E402
+from dynamo_bus.routing.residency import ResidencyPublisher, ResidencyWatcher  # noqa: E402
+from dynamo_bus.traces.report import percentile  # noqa: E402
 
 DYNAMO_PY = ROOT / ".peers" / "dynamo" / "bin" / "python"
 W, L, BS, Q = 8, 256, 16, 2000

@@ -2,7 +2,7 @@
 both in offline (virtual-clock) simulation over the same simulated engines.
 
 For each cluster shape (workers x KV blocks per worker, block size 16) it runs, in one
-go: ``dynamo_bus.sim.simulate`` with ``kv_aware``, ``round_robin`` and ``random``;
+go: ``dynamo_bus.traces.simulate.simulate`` with ``kv_aware``, ``round_robin`` and ``random``;
 Dynamo 1.6.1's own offline replay (``bench/peer_dynamo_replay.py`` in the Dynamo venv,
 ``bash bench/setup_dynamo_peer.sh``) with its ``kv_router`` (repeated: its ties are
 broken at random) and ``round_robin``; and the infinite-cache bound of the trace. Both
@@ -32,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dynamo_bus.report import percentile  # noqa: E402
-from dynamo_bus.sim import SimSettings, simulate  # noqa: E402
-from dynamo_bus.trace import read_trace, reuse_bound  # noqa: E402
+from dynamo_bus.traces.mooncake import read_trace, reuse_bound  # noqa: E402
+from dynamo_bus.traces.report import percentile  # noqa: E402
+from dynamo_bus.traces.simulate import SimSettings, simulate  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
 DYNAMO_PY = ROOT / ".peers" / "dynamo" / "bin" / "python"

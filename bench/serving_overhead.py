@@ -418,7 +418,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--requests", type=int, default=400, help="measured requests per cell")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--model-dir", help="default: dynamo_bus.modeldir.resolve_model(None)")
+    ap.add_argument("--model-dir", help="default: dynamo_bus.models.modeldir.resolve_model(None)")
     ap.add_argument("--concurrency", default="8,32", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--modes", default="stream,unary", type=lambda s: s.split(","))
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -464,14 +464,14 @@ async def amain(a: argparse.Namespace) -> int:
     }
     if a.model_dir is None:
         sys.path.insert(0, str(ROOT))
-        from dynamo_bus.modeldir import resolve_model
+        from dynamo_bus.models.modeldir import resolve_model
 
         md = resolve_model(None)
         a.model_dir, model_name = str(md.path), md.name
     else:
         try:
             sys.path.insert(0, str(ROOT))
-            from dynamo_bus.modeldir import resolve_model
+            from dynamo_bus.models.modeldir import resolve_model
 
             model_name = resolve_model(a.model_dir).name
         except Exception:

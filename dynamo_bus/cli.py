@@ -10,7 +10,7 @@
 
 Every serving setting is a flag, an environment variable ``DYNAMO_BUS_<NAME>`` or a key
 of the ``--config`` TOML file (see ``config.py``). ``replay`` and ``simulate`` write
-``PREFIX.md``/``.json``/``.png`` (``dynamo_bus.report``) and print the summary.
+``PREFIX.md``/``.json``/``.png`` (``dynamo_bus.traces.report``) and print the summary.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def _add_trace_commands(sub: typing.Any) -> None:
 
 
 def _run_meta(argv: list[str], trace_path: str, trace: list[typing.Any]) -> dict[str, object]:
-    from dynamo_bus.trace import summary_line
+    from dynamo_bus.traces.mooncake import summary_line
 
     return {"command": "dynamo-bus " + shlex.join(argv),
             "trace": f"{trace_path} ({summary_line(trace)})",
@@ -237,7 +237,7 @@ def _run_meta(argv: list[str], trace_path: str, trace: list[typing.Any]) -> dict
 
 def _write_report(prefix: str, records: list[typing.Any], title: str,
                   meta: dict[str, object]) -> None:
-    from dynamo_bus.report import format_summary, write_report
+    from dynamo_bus.traces.report import format_summary, write_report
 
     summary = write_report(prefix, records, title=title, meta=meta)
     print(format_summary(summary))
@@ -245,11 +245,11 @@ def _write_report(prefix: str, records: list[typing.Any], title: str,
 
 
 def _run_trace_command(args: argparse.Namespace, argv: list[str]) -> int:
-    from dynamo_bus.trace import read_trace
+    from dynamo_bus.traces.mooncake import read_trace
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.command == "record":
-        from dynamo_bus.record import record_main
+        from dynamo_bus.traces.record import record_main
 
         if not args.nats_url:
             raise ConfigError(f"record needs the deployment's NATS server: pass --nats-url "
@@ -261,8 +261,8 @@ def _run_trace_command(args: argparse.Namespace, argv: list[str]) -> int:
     trace = read_trace(args.trace, limit=args.limit)
     meta = _run_meta(argv, args.trace, trace)
     if args.command == "replay":
-        from dynamo_bus.record import stop_on_signal
-        from dynamo_bus.replay import ReplaySettings, replay
+        from dynamo_bus.traces.record import stop_on_signal
+        from dynamo_bus.traces.replay import ReplaySettings, replay
 
         rs = ReplaySettings(target=args.nats_url or args.url, model=args.model,
                             speedup=args.speedup, concurrency=args.concurrency,
@@ -276,8 +276,8 @@ def _run_trace_command(args: argparse.Namespace, argv: list[str]) -> int:
         _write_report(args.out or f"replay-{stamp}", records,
                       f"Replay of {Path(args.trace).name}", {**meta, **run})
         return 0
-    from dynamo_bus.policy import KvWeights
-    from dynamo_bus.sim import SimSettings, simulate
+    from dynamo_bus.routing.policy import KvWeights
+    from dynamo_bus.traces.simulate import SimSettings, simulate
 
     s = SimSettings(workers=args.workers, num_blocks=args.num_blocks,
                     block_size=args.block_size, strategy=args.strategy,
@@ -298,8 +298,8 @@ def _run_trace_command(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _run_nats(port: int, store_dir: Path | None) -> int:
-    from dynamo_bus.modeldir import default_cache_dir
-    from dynamo_bus.natsserver import EmbeddedNats
+    from dynamo_bus.bus.natsserver import EmbeddedNats
+    from dynamo_bus.models.modeldir import default_cache_dir
 
     server = EmbeddedNats(store_dir or default_cache_dir() / "nats", port=port)
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "nats":
             return _run_nats(args.port, args.store_dir)
         if args.command == "model":
-            from dynamo_bus.modeldir import resolve_model
+            from dynamo_bus.models.modeldir import resolve_model
 
             print(resolve_model(args.model).path)
             return 0

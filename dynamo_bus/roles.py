@@ -22,20 +22,20 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from dynamo_bus.bus import Bus, open_bus
+from dynamo_bus.bus.connection import Bus, open_bus
+from dynamo_bus.bus.natsserver import EmbeddedNats, die_with_parent
+from dynamo_bus.bus.registry import Registry
+from dynamo_bus.bus.subjects import validate_worker_id
 from dynamo_bus.config import Config, env_name, to_env
 from dynamo_bus.engines import make_engine
 from dynamo_bus.errors import ConfigError
-from dynamo_bus.frontend import make_app, start_http
-from dynamo_bus.modeldir import ModelDir, default_cache_dir, resolve_model, tokenizer_digest
-from dynamo_bus.natsserver import EmbeddedNats, die_with_parent
-from dynamo_bus.registry import Registry
-from dynamo_bus.requester import Requester
-from dynamo_bus.router import Router
-from dynamo_bus.service import CompletionService
-from dynamo_bus.subjects import validate_worker_id
-from dynamo_bus.tokenizer import Tokenizer
-from dynamo_bus.worker import Worker
+from dynamo_bus.models.modeldir import ModelDir, default_cache_dir, resolve_model, tokenizer_digest
+from dynamo_bus.models.tokenizer import Tokenizer
+from dynamo_bus.routing.router import Router
+from dynamo_bus.serving.frontend import make_app, start_http
+from dynamo_bus.serving.requester import Requester
+from dynamo_bus.serving.service import CompletionService
+from dynamo_bus.worker.runtime import Worker
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from dynamo_bus.bus.natsserver import EmbeddedNats
 from dynamo_bus.config import Config
-from dynamo_bus.modeldir import ModelDir, resolve_model
-from dynamo_bus.natsserver import EmbeddedNats
+from dynamo_bus.models.modeldir import ModelDir, resolve_model
 from dynamo_bus.roles import Roles
 
 # Fast liveness so tests that kill things finish quickly.
@@ -38,7 +38,7 @@ def fp32_dir(model_dir: ModelDir, tmp_path_factory: pytest.TempPathFactory) -> P
     import dataclasses
     import shutil
 
-    from dynamo_bus.weights import ensure_weights
+    from dynamo_bus.models.weights import ensure_weights
 
     dest = tmp_path_factory.mktemp("fp32") / "model"
     shutil.copytree(model_dir.path, dest, ignore=shutil.ignore_patterns("model.safetensors*"))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dynamo_bus.config import Config
 from dynamo_bus.engines.base import Engine
 from dynamo_bus.errors import ConfigError
-from dynamo_bus.modeldir import ModelDir
+from dynamo_bus.models.modeldir import ModelDir
 
 
 def _mock(cfg: Config, model: ModelDir, name: str) -> Engine:

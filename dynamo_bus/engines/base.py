@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from dynamo_bus.messages import Fingerprint, FinishReason, SamplingOptions
+from dynamo_bus.bus.messages import Fingerprint, FinishReason, SamplingOptions
 
 
 class EngineRequest(msgspec.Struct):

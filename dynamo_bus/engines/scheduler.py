@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dynamo_bus.bus.messages import Fingerprint, FinishReason, SamplingOptions
 from dynamo_bus.engines.base import (
     Engine,
     EngineLoad,
@@ -45,7 +46,6 @@ from dynamo_bus.engines.base import (
 from dynamo_bus.engines.block_pool import BlockPool
 from dynamo_bus.errors import InvalidRequest, Overloaded, PromptTooLong
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
-from dynamo_bus.messages import Fingerprint, FinishReason, SamplingOptions
 
 log = logging.getLogger(__name__)
 

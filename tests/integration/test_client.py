@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dynamo_bus.client import DynamoClient
 from dynamo_bus.errors import InvalidRequest, ModelNotFound, NoWorker, Overloaded
+from dynamo_bus.serving.client import DynamoClient
 
 pytestmark = pytest.mark.integration
 

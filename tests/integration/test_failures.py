@@ -14,9 +14,9 @@ import time
 import aiohttp
 import pytest
 
-from dynamo_bus.bus import connect
-from dynamo_bus.messages import REQUEST, RESPONSE, Chunk, Request, SamplingOptions
-from dynamo_bus.subjects import Names
+from dynamo_bus.bus.connection import connect
+from dynamo_bus.bus.messages import REQUEST, RESPONSE, Chunk, Request, SamplingOptions
+from dynamo_bus.bus.subjects import Names
 from tests.conftest import FAST, cli_env
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dynamo_bus.bus import Bus, ensure_residency_bucket, open_bus
+from dynamo_bus.bus.connection import Bus, ensure_residency_bucket, open_bus
 from dynamo_bus.config import Config
-from dynamo_bus.residency import ResidencyPublisher, ResidencyWatcher
+from dynamo_bus.routing.residency import ResidencyPublisher, ResidencyWatcher
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import aiohttp
 import openai
 import pytest
 
-from dynamo_bus.modeldir import ModelDir
-from dynamo_bus.tokenizer import Tokenizer
+from dynamo_bus.models.modeldir import ModelDir
+from dynamo_bus.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import nats
 import pytest
 
 from dynamo_bus import cli
-from dynamo_bus.subjects import Names
-from dynamo_bus.trace import TraceRequest, read_trace, write_trace
+from dynamo_bus.bus.subjects import Names
+from dynamo_bus.traces.mooncake import TraceRequest, read_trace, write_trace
 
 pytestmark = pytest.mark.integration
 

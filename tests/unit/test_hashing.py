@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from dynamo_bus.bus.messages import Fingerprint
 from dynamo_bus.hashing import (
     HASH_SCHEME,
     XXH3_SEED,
@@ -17,7 +18,6 @@ from dynamo_bus.hashing import (
     sequence_hashes,
     sequence_hashes_from_local,
 )
-from dynamo_bus.messages import Fingerprint
 
 # Golden values from Dynamo's lib/tokens (tokens.rs, test_tokens_blocks and the
 # TokenBlockSequence tests): tokens 1..12, block size 4, seed 1337.

@@ -34,8 +34,8 @@ from dynamo_bus.engines.reference.model import (
 )
 from dynamo_bus.engines.reference.sampler import make_generator, sample
 from dynamo_bus.engines.scheduler import BatchingEngine, Sampled, Seq
-from dynamo_bus.modeldir import ModelDir
-from dynamo_bus.weights import ensure_weights
+from dynamo_bus.models.modeldir import ModelDir
+from dynamo_bus.models.weights import ensure_weights
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from dynamo_bus.bus.messages import SamplingOptions
 from dynamo_bus.engines.scheduler import Sampled
-from dynamo_bus.messages import SamplingOptions
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 

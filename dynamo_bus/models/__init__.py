@@ -1,0 +1,1 @@
+"""Models: the model directory, the tokenizer, and GGUF to safetensors weights."""

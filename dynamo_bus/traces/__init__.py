@@ -1,0 +1,1 @@
+"""Traces: Mooncake traces, record, replay, offline simulation and reports."""

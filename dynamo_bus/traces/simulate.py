@@ -1,0 +1,227 @@
+"""Offline simulation: the router's own policy code in front of simulated engines, on a
+virtual clock, over a whole trace in seconds. For what-if studies: worker count, cache
+size, block size, strategy and cost weights.
+
+What is real: :class:`~dynamo_bus.routing.policy.RoutingPolicy` (the code the online router
+runs), the residency index it reads, and :class:`~dynamo_bus.engines.mock.MockEngine`
+(the shared continuous-batching scheduler, block pool, prefix cache and Dynamo's
+mocker timing). What is simulated: time (an event loop whose clock jumps to the next
+timer instead of waiting for it) and the bus (the router reads each engine's load
+and residency directly; ``residency_lag`` delays the residency as a publish interval
+would).
+
+Each request gives a :class:`~dynamo_bus.traces.report.RequestRecord`, as a live replay does:
+TTFT and E2E run from its arrival (trace timestamp / ``arrival_speedup``) to its first /
+last token; the prefix hit rate is cached prompt tokens over all prompt tokens, as
+Dynamo's replay reports its "prefix cache reused ratio".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynamo_bus.bus.messages import (
+    Fingerprint,
+    Load,
+    Registration,
+    Request,
+    SamplingOptions,
+)
+from dynamo_bus.engines.base import EngineRequest
+from dynamo_bus.engines.mock import MockEngine
+from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
+from dynamo_bus.routing.policy import KvWeights, RoutingPolicy
+from dynamo_bus.traces.mooncake import TraceRequest, synth_tokens
+from dynamo_bus.traces.report import RequestRecord
+
+MODEL = "sim"
+VOCAB = 49152
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Never waits: when nothing is ready, moves the loop's clock to the next timer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: VirtualTimeLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        events = super().select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:
+            raise RuntimeError("simulation stalled: nothing runnable and no timer pending")
+        assert self.loop is not None
+        self.loop.now += timeout
+        return events
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time (see :class:`_JumpingSelector`); for code that
+    does no I/O of its own."""
+
+    def __init__(self) -> None:
+        selector = _JumpingSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class VirtualClock:
+    """The engines' :class:`~dynamo_bus.engines.mock.Clock` on a virtual loop: exact."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class _SimWorkers:
+    """The policy's view of the simulated workers: loads read live from the engines."""
+
+    def __init__(self, engines: dict[str, MockEngine], block_size: int) -> None:
+        self.engines = engines
+        self.regs = [Registration(worker_id=wid, model=MODEL,
+                                  fingerprint=Fingerprint(MODEL, block_size, HASH_SCHEME),
+                                  work_subject="", capacity=e.max_num_seqs)
+                     for wid, e in engines.items()]
+
+    def workers(self, model: str | None = None) -> list[Registration]:
+        return self.regs
+
+    def load(self, worker_id: str) -> Load:
+        el = self.engines[worker_id].load()
+        return Load(worker_id=worker_id, active_requests=el.active_requests,
+                    active_prefill_tokens=el.active_prefill_tokens,
+                    active_blocks=el.active_blocks, total_blocks=el.total_blocks,
+                    at=asyncio.get_running_loop().time())
+
+
+@dataclass
+class SimSettings:
+    workers: int = 4
+    num_blocks: int = 16384           # per worker
+    block_size: int = 16
+    strategy: str = "kv_aware"
+    weights: KvWeights = field(default_factory=KvWeights)
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 8192
+    engine_speedup: float = 1.0
+    arrival_speedup: float = 1.0
+    residency_lag: float = 0.0        # seconds between an engine's change and the index
+
+
+@dataclass
+class SimResult:
+    settings: SimSettings
+    records: list[RequestRecord]      # in trace order; times are virtual
+    wall_s: float
+    preemptions: int
+
+    @property
+    def reuse(self) -> float:
+        prompt = sum(r.prompt_tokens for r in self.records)
+        return sum(r.cached_tokens for r in self.records) / prompt if prompt else 0.0
+
+    @property
+    def ttft_ms(self) -> list[float]:
+        return [r.ttft_ms for r in self.records if r.ttft_ms is not None]
+
+    @property
+    def e2e_ms(self) -> list[float]:
+        return [r.e2e_ms for r in self.records if r.e2e_ms is not None]
+
+    @property
+    def per_worker(self) -> dict[str, int]:
+        return dict(Counter(r.worker for r in self.records))
+
+
+async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
+    loop = asyncio.get_running_loop()
+    clock = VirtualClock()
+    engines = {f"w{i}": MockEngine(MODEL, vocab_size=VOCAB, context_length=1 << 24,
+                                   block_size=s.block_size, num_blocks=s.num_blocks,
+                                   max_num_seqs=s.max_num_seqs,
+                                   max_num_batched_tokens=s.max_batched_tokens,
+                                   speedup=s.engine_speedup, clock=clock)
+               for i in range(s.workers)}
+    for e in engines.values():
+        await e.start()
+    view = _SimWorkers(engines, s.block_size)
+    policy = RoutingPolicy(view, s.strategy, block_size=s.block_size, weights=s.weights)
+    index = policy.index
+
+    def sync_residency() -> None:
+        for wid, e in engines.items():
+            for h, tier in e.residency_changes().items():
+                index.apply(wid, h, tier)
+
+    async def lagged_residency() -> None:
+        while True:
+            await asyncio.sleep(s.residency_lag)
+            sync_residency()
+
+    lag_task = asyncio.create_task(lagged_residency()) if s.residency_lag > 0 else None
+    records: list[RequestRecord] = [None] * len(trace)  # type: ignore[list-item]
+
+    async def run(i: int, req: TraceRequest, arrival: float) -> None:
+        tokens = synth_tokens(req, VOCAB)
+        hashes = sequence_hashes(tokens, s.block_size)
+        rid = f"r{i}"
+        msg = Request(request_id=rid, model=MODEL, token_ids=tokens.tolist(), reply_to="")
+        if s.residency_lag == 0:
+            sync_residency()
+        decision = policy.pick(msg, policy.candidates(msg), hashes)
+        policy.sent(msg, decision)
+        wid = decision.worker.worker_id
+        sampling = SamplingOptions(max_tokens=req.output_length, temperature=0.0,
+                                   ignore_eos=True)
+        rec = records[i] = RequestRecord(index=i, arrival_s=arrival, start_s=arrival,
+                                         prompt_tokens=len(tokens), worker=wid)
+        first = last = 0.0
+        async for out in engines[wid].generate(EngineRequest(rid, msg.token_ids, sampling)):
+            if out.token_ids and not rec.output_tokens:
+                first = loop.time()
+                rec.cached_tokens = out.cached_tokens
+            rec.output_tokens += len(out.token_ids)
+            last = loop.time()
+        rec.ttft_ms = (first - arrival) * 1000
+        rec.e2e_ms = (last - arrival) * 1000
+        if rec.output_tokens > 1:
+            rec.itl_ms = (last - first) * 1000 / (rec.output_tokens - 1)
+
+    t0 = trace[0].timestamp if trace else 0.0
+    tasks = []
+    for i, req in enumerate(trace):
+        arrival = (req.timestamp - t0) / 1000 / s.arrival_speedup
+        if arrival > loop.time():
+            await asyncio.sleep(arrival - loop.time())
+        tasks.append(asyncio.create_task(run(i, req, arrival)))
+    await asyncio.gather(*tasks)
+    if lag_task is not None:
+        lag_task.cancel()
+    for e in engines.values():
+        await e.stop()
+    return SimResult(settings=s, records=records, wall_s=0.0,
+                     preemptions=sum(e.num_preemptions for e in engines.values()))
+
+
+def simulate(trace: list[TraceRequest], settings: SimSettings) -> SimResult:
+    """Replay ``trace`` through the policy and simulated engines on a virtual clock."""
+    loop = VirtualTimeLoop()
+    started = time.perf_counter()
+    try:
+        result = loop.run_until_complete(_simulate(trace, settings))
+    finally:
+        loop.close()
+    result.wall_s = time.perf_counter() - started
+    return result

@@ -1,0 +1,111 @@
+"""The wire schema: round trips, and old and new builds reading each other."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from dynamo_bus.bus.messages import (
+    CANCEL,
+    LOAD,
+    REGISTRATION,
+    REQUEST,
+    RESPONSE,
+    Cancel,
+    Chunk,
+    Error,
+    Fingerprint,
+    Load,
+    Registration,
+    Request,
+    RoutingHints,
+    SamplingOptions,
+    Usage,
+)
+from dynamo_bus.errors import ProtocolError
+
+SAMPLES = [
+    (REQUEST, Request(request_id="r1", model="m", token_ids=[1, 2, 3], reply_to="inbox",
+                      sampling=SamplingOptions(max_tokens=5, temperature=0.5, seed=9,
+                                               stop_token_ids=[2]),
+                      routing=RoutingHints(strategy="random"), priority=3, created_ns=7)),
+    (RESPONSE, Chunk(request_id="r1", index=4, token_ids=[9, 8], worker_id="w",
+                     finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=6))),
+    (RESPONSE, Chunk(request_id="r1", index=0, token_ids=[9, 8], logprobs=[-0.5, -1.25],
+                     top_logprobs=[[(9, -0.5), (7, -2.0)], [(8, -1.25), (1, -1.5)]])),
+    (RESPONSE, Error(request_id="r1", status=503, message="no worker", code="no_worker")),
+    (CANCEL, Cancel(request_id="r1")),
+    (REGISTRATION, Registration(worker_id="w", model="m", fingerprint=Fingerprint("m", 16),
+                                work_subject="dyn.x.work.w", capacity=8)),
+    (LOAD, Load(worker_id="w", active_requests=2, capacity=8)),
+]
+
+
+@pytest.mark.parametrize(("codec", "obj"), SAMPLES)
+def test_round_trip(codec, obj) -> None:
+    assert codec.decode(codec.encode(obj)) == obj
+
+
+# What version 1 of a message looked like to a reader built before a field was added:
+class OldChunk(msgspec.Struct, tag="chunk", tag_field="type"):
+    request_id: str
+    index: int
+    token_ids: list[int]
+
+
+class FutureChunk(msgspec.Struct, tag="chunk", tag_field="type"):
+    request_id: str
+    index: int
+    token_ids: list[int]
+    worker_id: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    logprobs: list[float] | None = None
+    v: int = 1
+    spec_decode_accepted: int = 0  # a field a later build adds, last and defaulted
+
+
+def test_new_reader_fills_defaults_for_an_old_message() -> None:
+    old = msgspec.json.encode(OldChunk(request_id="a", index=0, token_ids=[1]))
+    chunk = RESPONSE.decode(old)
+    assert isinstance(chunk, Chunk)
+    assert (chunk.finish_reason, chunk.usage, chunk.v) == (None, None, 1)
+
+
+def test_old_reader_skips_fields_it_does_not_know() -> None:
+    new = RESPONSE.encode(Chunk(request_id="a", index=0, token_ids=[1], worker_id="w"))
+    assert msgspec.json.decode(new, type=OldChunk) == OldChunk("a", 0, [1])
+    future = msgspec.json.encode(FutureChunk("a", 0, [1], spec_decode_accepted=3))
+    assert RESPONSE.decode(future).token_ids == [1]
+
+
+def test_top_logprobs_are_optional_on_the_wire() -> None:
+    # Absent unless asked for, so chunks without logprobs are as before.
+    plain = RESPONSE.encode(Chunk(request_id="a", index=0, token_ids=[1]))
+    assert b"logprobs" not in plain
+    # A reader built before top_logprobs existed still reads the tokens and logprobs.
+    new = RESPONSE.encode(Chunk(request_id="a", index=0, token_ids=[1], logprobs=[-0.5],
+                                top_logprobs=[[(1, -0.5), (2, -3.0)]]))
+    old = msgspec.json.decode(new, type=FutureChunk)
+    assert (old.token_ids, old.logprobs) == ([1], [-0.5])
+    # And this build reads what an older writer sent: no top_logprobs at all.
+    older = msgspec.json.encode(FutureChunk("a", 0, [1], logprobs=[-0.5]))
+    chunk = RESPONSE.decode(older)
+    assert isinstance(chunk, Chunk)
+    assert (chunk.logprobs, chunk.top_logprobs, chunk.v) == ([-0.5], None, 1)
+
+
+def test_a_newer_schema_version_is_refused_clearly() -> None:
+    data = b'{"request_id":"a","model":"m","token_ids":[1],"reply_to":"x","v":99}'
+    with pytest.raises(ProtocolError, match="schema version 99"):
+        REQUEST.decode(data)
+
+
+def test_garbage_is_a_protocol_error_not_a_crash() -> None:
+    with pytest.raises(ProtocolError, match="malformed Request"):
+        REQUEST.decode(b'{"request_id": 5}')
+
+
+def test_plain_json_publishers_need_only_the_required_fields() -> None:
+    req = REQUEST.decode(b'{"request_id":"a","model":"m","token_ids":[1,2],"reply_to":"x"}')
+    assert req.sampling.max_tokens == 16 and req.routing.strategy is None

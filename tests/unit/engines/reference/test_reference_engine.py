@@ -1,0 +1,211 @@
+"""The reference engine end to end on SmolLM2 in float32: greedy output equals transformers
+token for token under continuous batching and chunked prefill, the prefix cache and
+preemption change no output, sampling honours its options, aborts free every block, and
+whole KV blocks survive an export/import round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from dynamo_bus.bus.messages import SamplingOptions  # noqa: E402
+from dynamo_bus.engines.base import EngineOutput, EngineRequest  # noqa: E402
+from dynamo_bus.engines.reference.engine import ReferenceEngine  # noqa: E402
+from dynamo_bus.hashing import sequence_hashes  # noqa: E402
+from dynamo_bus.models.modeldir import ModelDir  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 64
+BUDGET = 32  # chunked-prefill budget: the long prompt takes several steps
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived",
+    "List three colours:",
+    ("The history of the printing press begins in the fifteenth century, when Johannes "
+     "Gutenberg combined movable metal type, oil-based ink and a wooden screw press. Within "
+     "a few decades, printing shops had spread across Europe, and books became cheaper."),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fp32_dir: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(fp32_dir)
+
+
+@pytest.fixture(scope="module")
+def expected(fp32_dir: Path, tokenizer: Any) -> list[list[int]]:
+    """transformers' greedy continuations (up to EOS or NEW_TOKENS) of PROMPTS."""
+    torch.set_num_threads(2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt).input_ids
+        with torch.inference_mode():
+            gen = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS)
+        out.append(gen[0, len(ids):].tolist())
+    assert max(len(o) for o in out) == NEW_TOKENS  # not a vacuous match on early EOS
+    return out
+
+
+def _engine(fp32_dir: Path, model_dir: ModelDir, **kw: Any) -> ReferenceEngine:
+    kw.setdefault("max_num_batched_tokens", BUDGET)
+    kw.setdefault("num_blocks", 256)
+    return ReferenceEngine(dataclasses.replace(model_dir, path=fp32_dir), dtype="float32",
+                           device="cpu", threads=2, **kw)
+
+
+@pytest.fixture
+async def engine(fp32_dir: Path, model_dir: ModelDir) -> AsyncIterator[ReferenceEngine]:
+    eng = _engine(fp32_dir, model_dir)
+    await eng.start()
+    yield eng
+    await eng.stop()
+
+
+def req(rid: str, ids: list[int], **sampling: Any) -> EngineRequest:
+    sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("max_tokens", NEW_TOKENS)
+    return EngineRequest(request_id=rid, token_ids=ids, sampling=SamplingOptions(**sampling))
+
+
+async def run(engine: ReferenceEngine, request: EngineRequest) -> list[EngineOutput]:
+    return [out async for out in engine.generate(request)]
+
+
+def tokens(outs: list[EngineOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+async def test_greedy_batch_matches_transformers(engine: ReferenceEngine, tokenizer: Any,
+                                                 expected: list[list[int]]) -> None:
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    assert max(len(p) for p in prompts) > BUDGET  # one prompt is prefilled in chunks
+    # All five at once: different lengths prefill and decode in the same steps.
+    results = await asyncio.gather(*(run(engine, req(f"r{i}", p))
+                                     for i, p in enumerate(prompts)))
+    for prompt, outs, want in zip(PROMPTS, results, expected, strict=True):
+        assert tokens(outs) == want, prompt
+        assert outs[-1].finish_reason == ("length" if len(want) == NEW_TOKENS else "stop")
+    assert engine.pool.num_active == 0
+
+
+async def test_prefix_cache_hit_gives_the_cold_output(engine: ReferenceEngine, tokenizer: Any,
+                                                      expected: list[list[int]]) -> None:
+    ids = tokenizer(PROMPTS[4]).input_ids
+    cold = await run(engine, req("cold", ids))
+    warm = await run(engine, req("warm", ids))
+    assert cold[0].cached_tokens == 0
+    assert warm[0].cached_tokens == (len(ids) - 1) // 16 * 16 > 0
+    assert tokens(warm) == tokens(cold) == expected[4]
+
+
+async def test_preemption_changes_no_output(fp32_dir: Path, model_dir: ModelDir,
+                                            tokenizer: Any, expected: list[list[int]]) -> None:
+    # 8 blocks of 16 tokens cannot hold four growing sequences at once.
+    eng = _engine(fp32_dir, model_dir, num_blocks=8)
+    await eng.start()
+    try:
+        results = await asyncio.gather(*(run(eng, req(f"p{i}", tokenizer(p).input_ids))
+                                         for i, p in enumerate(PROMPTS[:4])))
+        assert eng.num_preemptions > 0
+        for outs, want in zip(results, expected, strict=False):
+            assert tokens(outs) == want
+    finally:
+        await eng.stop()
+
+
+async def test_abort_frees_every_block(engine: ReferenceEngine, tokenizer: Any) -> None:
+    ids = tokenizer(PROMPTS[4]).input_ids
+    gen = engine.generate(req("a", ids, max_tokens=1000))
+    first = await anext(gen)
+    assert first.token_ids and engine.pool.num_active > 0
+    waiting = engine.generate(req("b", ids, max_tokens=1000))  # admitted with the prefix
+    second = asyncio.ensure_future(anext(waiting))
+    await asyncio.sleep(0)
+    await engine.abort("a")
+    rest = [o async for o in gen]
+    assert rest[-1].finish_reason == "cancelled"
+    await second
+    await waiting.aclose()  # closing the iterator aborts too
+    await asyncio.sleep(0)
+    load = engine.load()
+    assert (load.active_requests, load.waiting_requests, load.active_blocks) == (0, 0, 0)
+    assert engine.pool.num_free == engine.num_blocks
+    await engine.abort("a")  # unknown now: a no-op
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(engine: ReferenceEngine,
+                                                            tokenizer: Any) -> None:
+    ids = tokenizer(PROMPTS[2]).input_ids
+    opts = dict(temperature=0.9, top_p=0.95, top_k=50, max_tokens=24, ignore_eos=True)
+    alone = tokens(await run(engine, req("s1", ids, seed=7, **opts)))
+    crowd = await asyncio.gather(run(engine, req("s2", ids, seed=7, **opts)),
+                                 run(engine, req("s3", ids, seed=8, **opts)),
+                                 run(engine, req("s4", tokenizer(PROMPTS[0]).input_ids,
+                                                 **opts)))
+    assert tokens(crowd[0]) == alone
+    assert tokens(crowd[1]) != alone
+    greedy = tokens(await run(engine, req("g", ids, max_tokens=24, ignore_eos=True)))
+    top1 = tokens(await run(engine, req("k", ids, temperature=1.5, top_k=1, max_tokens=24,
+                                        ignore_eos=True)))
+    tiny_p = tokens(await run(engine, req("p", ids, temperature=1.5, top_p=1e-6,
+                                          max_tokens=24, ignore_eos=True)))
+    assert top1 == tiny_p == greedy
+
+
+async def test_logprobs_and_stop_tokens(engine: ReferenceEngine, tokenizer: Any,
+                                        expected: list[list[int]]) -> None:
+    ids = tokenizer(PROMPTS[0]).input_ids
+    outs = await run(engine, req("lp", ids, max_tokens=8, logprobs=3))
+    toks = tokens(outs)
+    lps = [lp for o in outs for lp in o.logprobs or []]
+    tops = [t for o in outs for t in o.top_logprobs or []]
+    assert len(lps) == len(tops) == len(toks) == 8
+    for tok, lp, top in zip(toks, lps, tops, strict=True):
+        assert len(top) == 3 and top[0][0] == tok and top[0][1] == pytest.approx(lp)
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert lp <= 0
+    assert all(o.logprobs is None for o in await run(engine, req("no", ids, max_tokens=2)))
+    # A stop token id ends the request on that token, which is emitted.
+    stop_at = expected[0][3]
+    outs = await run(engine, req("st", ids, stop_token_ids=[stop_at]))
+    assert tokens(outs) == expected[0][:expected[0].index(stop_at) + 1]
+    assert outs[-1].finish_reason == "stop"
+
+
+async def test_kv_blocks_round_trip_between_engines(engine: ReferenceEngine,
+                                                    fp32_dir: Path, model_dir: ModelDir,
+                                                    tokenizer: Any) -> None:
+    ids = tokenizer(PROMPTS[4] + " " + PROMPTS[2]).input_ids
+    cold = tokens(await run(engine, req("src", ids, max_tokens=16)))
+    hashes = sequence_hashes(ids, 16)
+    blocks = await engine.export_blocks(hashes)
+    assert blocks.num_blocks == len(hashes) >= 3
+    assert tuple(blocks.data.shape) == (len(hashes), 2, 30, 16, 3, 64)
+    other = _engine(fp32_dir, model_dir)
+    await other.start()
+    try:
+        assert await other.import_blocks(blocks) == len(hashes)
+        assert await other.import_blocks(blocks) == 0  # already held: nothing new
+        again = await other.export_blocks(hashes)
+        assert torch.equal(again.data, blocks.data)
+        outs = await run(other, req("dst", ids, max_tokens=16))
+        assert outs[0].cached_tokens == min(len(hashes), (len(ids) - 1) // 16) * 16
+        assert tokens(outs) == cold
+        wrong = dataclasses.replace(blocks, layout=msgspec.structs.replace(blocks.layout,
+                                                                       block_size=32))
+        with pytest.raises(ValueError, match="layout"):
+            await other.import_blocks(wrong)
+    finally:
+        await other.stop()
