@@ -138,7 +138,7 @@ async def run_one(system: str, rnd: int, a: argparse.Namespace, model_dir: Path,
 def cpu_line() -> str:
     """The CPU model and whether it multiplies bfloat16 natively (the engine's own test):
     without AVX512-BF16 or AMX both systems run bfloat16 through float32 kernels."""
-    from dynamo_bus.engines.reference.model import cpu_has_native_bf16
+    from dynamo_bus.engines.reference.packed import cpu_has_native_bf16
     return f"{loadgen.cpu_model()}, " + ("native bfloat16" if cpu_has_native_bf16()
                                          else "no native bfloat16 (no AVX512-BF16, no AMX)")
 

@@ -1,14 +1,26 @@
-"""Engine registry. Backends are imported only when chosen, so heavy optional
-dependencies (torch, vllm, sglang) are never imported by roles that do not run them."""
+"""The engines package: the :class:`Engine` interface and its messages (from
+:mod:`dynamo_bus.engines.base`) and the engine registry (:func:`make_engine`,
+``ENGINES``). Backends are imported only when chosen, so heavy optional dependencies
+(torch, vllm, sglang) are never imported by roles that do not run them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from dynamo_bus.config import Config
-from dynamo_bus.engines.base import Engine
+from dynamo_bus.engines.base import (
+    Engine,
+    EngineLoad,
+    EngineOutput,
+    EngineRequest,
+    KVBlocks,
+    KVLayout,
+)
 from dynamo_bus.errors import ConfigError
 from dynamo_bus.models.modeldir import ModelDir
+
+__all__ = ["ENGINES", "Engine", "EngineLoad", "EngineOutput", "EngineRequest", "KVBlocks",
+           "KVLayout", "make_engine"]
 
 
 def _mock(cfg: Config, model: ModelDir, name: str) -> Engine:

@@ -26,7 +26,8 @@ import numpy as np
 import xxhash
 
 from dynamo_bus.engines.base import EngineRequest
-from dynamo_bus.engines.scheduler import BatchingEngine, Sampled, Seq
+from dynamo_bus.engines.scheduler import BatchingEngine
+from dynamo_bus.engines.sequence import Sampled, Seq
 
 _MIN_SLEEP_S = 1e-3  # asyncio cannot sleep less than this with any accuracy
 _MAX_LAG_S = 2e-3    # how much oversleep later steps may win back

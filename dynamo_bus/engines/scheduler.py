@@ -15,7 +15,10 @@ tokens themselves (``reference``) or pretend to (``mock``).
 
 A subclass only says how a step is executed: :meth:`BatchingEngine._execute` gets the
 step's prefill chunks and decode tokens and returns one :class:`Sampled` token for every
-sequence that needs one. Requests join and leave between any two steps.
+sequence that needs one. Requests join and leave between any two steps. What a request
+is to the scheduler, and the checks it passes first, live in
+:mod:`dynamo_bus.engines.sequence`; the pool, residency reports and KV block
+export/import in :mod:`dynamo_bus.engines.paged_kv`.
 
 Blocks and the step: the pool is touched only by the scheduler between steps, and a
 block freed by an abort during a step is handed out again only after that step ends,
@@ -29,63 +32,19 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
 
-import numpy as np
-
-from dynamo_bus.bus.messages import Fingerprint, FinishReason, SamplingOptions
-from dynamo_bus.engines.base import (
-    Engine,
-    EngineLoad,
-    EngineOutput,
-    EngineRequest,
-    KVBlocks,
-    KVLayout,
-)
+from dynamo_bus.bus.messages import Fingerprint, FinishReason
+from dynamo_bus.engines.base import EngineLoad, EngineOutput, EngineRequest
 from dynamo_bus.engines.block_pool import BlockPool
-from dynamo_bus.errors import InvalidRequest, Overloaded, PromptTooLong
+from dynamo_bus.engines.paged_kv import PagedKVEngine
+from dynamo_bus.engines.sequence import Sampled, Seq, new_seq
+from dynamo_bus.errors import InvalidRequest, Overloaded
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
 
 log = logging.getLogger(__name__)
 
 
-class Sampled(NamedTuple):
-    """One token chosen for a sequence, with its log-probabilities when asked for."""
-
-    token: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Seq:
-    """The scheduler's view of one request."""
-
-    request_id: str
-    tokens: list[int]            # prompt + generated tokens that need KV
-    hashes: list[int]            # sequence hashes of ``tokens`` when last hashed
-    sampling: SamplingOptions
-    stop_ids: frozenset[int]
-    state: Any = None            # the executing engine's own per-request state
-    num_computed: int = 0        # tokens whose KV is computed
-    num_in_pool: int = 0         # tokens holding a slot in the pool
-    prefill_target: int = 0      # len(tokens) at the last admission; 0 before the first
-    num_output: int = 0
-    cached_tokens: int = 0
-    running: bool = False
-    finish: FinishReason | None = None
-    pending: list[int] = field(default_factory=list)
-    pending_logprobs: list[float] = field(default_factory=list)
-    pending_top: list[list[tuple[int, float]]] = field(default_factory=list)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.num_computed < self.prefill_target
-
-
-class BatchingEngine(Engine):
+class BatchingEngine(PagedKVEngine):
     """An engine whose steps the shared scheduler plans; see the module docstring."""
 
     def __init__(self, model: str, *, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
@@ -94,6 +53,7 @@ class BatchingEngine(Engine):
         if min(context_length, block_size, num_blocks, max_num_seqs,
                max_num_batched_tokens, vocab_size) < 1:
             raise ValueError("sizes must be positive")
+        super().__init__()
         self.model = model
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -103,14 +63,12 @@ class BatchingEngine(Engine):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_preemptions = 0
         self._context_length = context_length
-        self._pool: BlockPool | None = None
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._requests: dict[str, Seq] = {}
         self._waiting: deque[Seq] = deque()
         self._running: dict[str, Seq] = {}  # admission order: the last is preempted first
         self._closed: str | None = None     # why new requests are refused
-        self._step_lock = asyncio.Lock()    # held while a step runs
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -128,17 +86,6 @@ class BatchingEngine(Engine):
 
     def _on_idle_wakeup(self) -> None:
         """The scheduler had nothing to run and now has."""
-
-    def _kv_layout(self) -> KVLayout:
-        raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
-
-    def _read_blocks(self, block_ids: list[int]) -> Any:
-        """The KV of these blocks, in :class:`KVLayout` order (a copy)."""
-        raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
-
-    def _write_blocks(self, block_ids: list[int], data: Any) -> None:
-        """Store ``data`` (``[len(block_ids), ...]`` in layout order) into these blocks."""
-        raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
 
     @abc.abstractmethod
     async def _execute(self, prefills: list[tuple[Seq, int]],
@@ -225,69 +172,18 @@ class BatchingEngine(Engine):
             if seq.finish is None:
                 self._finish(seq, "cancelled")
 
-    def residency_changes(self) -> dict[int, str | None]:
-        if self._pool is None:
-            return {}
-        return {h: "device" if held else None for h, held in self._pool.drain_changes().items()}
-
-    def residency_snapshot(self) -> dict[int, str]:
-        return {} if self._pool is None else dict.fromkeys(self._pool.cached_hashes(), "device")
-
-    @property
-    def pool(self) -> BlockPool:
-        if self._pool is None:
-            raise RuntimeError("the engine is not started")
-        return self._pool
-
-    async def export_blocks(self, hashes: list[int]) -> KVBlocks:
-        layout = self._kv_layout()
-        async with self._step_lock:  # no step writes while the blocks are read
-            block_ids = self.pool.lookup(hashes)
-            data = self._read_blocks(block_ids)
-        return KVBlocks(layout, list(hashes[:len(block_ids)]), data)
-
-    async def import_blocks(self, blocks: KVBlocks) -> int:
-        layout = self._kv_layout()
-        if blocks.layout != layout:
-            raise ValueError(f"KV layout {blocks.layout} does not match this engine's {layout}")
-        async with self._step_lock:  # a block freed mid-step may still be written by it
-            taken = self.pool.insert_cached(blocks.hashes)
-            if taken:
-                self._write_blocks([b for _, b in taken], blocks.data[[i for i, _ in taken]])
-        return len(taken)
-
     # -- admission checks -------------------------------------------------------------
 
     def _accept(self, request: EngineRequest) -> Seq:
         if self._closed is not None or self._task is None:
             raise Overloaded(f"{self.name} engine is not serving: "
                              f"{self._closed or 'not started'}", code="engine_stopped")
-        rid, prompt, sampling = request.request_id, request.token_ids, request.sampling
-        if rid in self._requests:
-            raise InvalidRequest(f"request id {rid!r} is already running", param="request_id")
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if sampling.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-        arr = np.asarray(prompt)  # an object array if some id is beyond int64
-        if arr.min() < 0 or arr.max() >= self.vocab_size:
-            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="prompt")
-        total = len(prompt) + sampling.max_tokens
-        if len(prompt) >= self._context_length or total > self._context_length:
-            raise PromptTooLong(
-                f"this model's maximum context length is {self._context_length} tokens; "
-                f"the request has {len(prompt)} prompt tokens and asks for "
-                f"{sampling.max_tokens} more",
-                param="prompt" if len(prompt) >= self._context_length else "max_tokens")
-        if -(-total // self.block_size) > self.num_blocks:
-            raise InvalidRequest(
-                f"the request needs {-(-total // self.block_size)} KV blocks; this engine "
-                f"has {self.num_blocks} in all", code="kv_cache_too_small")
-        stop_ids = set(sampling.stop_token_ids)
-        if not sampling.ignore_eos:
-            stop_ids.update(self.eos_token_ids)
-        seq = Seq(rid, list(prompt), sequence_hashes(arr, self.block_size), sampling,
-                  frozenset(stop_ids))
+        if request.request_id in self._requests:
+            raise InvalidRequest(f"request id {request.request_id!r} is already running",
+                                 param="request_id")
+        seq = new_seq(request, vocab_size=self.vocab_size, context_length=self._context_length,
+                      block_size=self.block_size, num_blocks=self.num_blocks,
+                      eos_token_ids=self.eos_token_ids)
         self._prepare(seq, request)
         return seq
 

@@ -2,7 +2,7 @@
 continuous-batching scheduler (:mod:`dynamo_bus.engines.scheduler`).
 
 Each step the scheduler's prefill chunks and decode tokens become one flat
-:class:`~dynamo_bus.engines.reference.model.ForwardBatch`; the forward and the sampling
+:class:`~dynamo_bus.engines.reference.batch.ForwardBatch`; the forward and the sampling
 run on one dedicated thread (PyTorch releases the GIL inside its kernels, so the worker's
 event loop keeps streaming tokens meanwhile). The KV cache is paged in the block pool's
 blocks, so prefix caching, preemption and whole-block KV export/import work on the same
@@ -23,17 +23,13 @@ from typing import Any
 import torch
 
 from dynamo_bus.engines.base import EngineRequest, KVLayout
+from dynamo_bus.engines.reference.batch import ForwardBatch, KVCache
 from dynamo_bus.engines.reference.graphs import DecodeGraphs, DecodeRunner
-from dynamo_bus.engines.reference.model import (
-    CausalLM,
-    ForwardBatch,
-    KVCache,
-    ModelConfig,
-    PackedLinear,
-    cpu_has_native_bf16,
-)
+from dynamo_bus.engines.reference.model import CausalLM, ModelConfig
+from dynamo_bus.engines.reference.packed import PackedLinear, cpu_has_native_bf16
 from dynamo_bus.engines.reference.sampler import make_generator, sample
-from dynamo_bus.engines.scheduler import BatchingEngine, Sampled, Seq
+from dynamo_bus.engines.scheduler import BatchingEngine
+from dynamo_bus.engines.sequence import Sampled, Seq
 from dynamo_bus.models.modeldir import ModelDir
 from dynamo_bus.models.weights import ensure_weights
 

@@ -29,7 +29,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from dynamo_bus.engines.reference.model import CausalLM, ForwardBatch, KVCache
+from dynamo_bus.engines.reference.batch import ForwardBatch, KVCache
+from dynamo_bus.engines.reference.model import CausalLM
 
 log = logging.getLogger(__name__)
 

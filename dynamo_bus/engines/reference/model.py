@@ -1,20 +1,20 @@
 """A compact PyTorch Llama-family causal LM (Llama, SmolLM2, Mistral, Qwen2) over a paged KV cache.
 
-Owns :class:`ModelConfig` (the facts read from an HF ``config.json``), :class:`CausalLM` (the
-network, loaded from ``model.safetensors`` by :meth:`CausalLM.from_dir`), :class:`KVCache` (one
-``[num_blocks, block_size, num_kv_heads, head_dim]`` K and V tensor per layer) and
-:class:`ForwardBatch` (a flat varlen batch: prefill chunks and decode tokens of several
-sequences mixed). The same code runs in float32 or bfloat16 on CPU or CUDA. The arithmetic
-mirrors transformers' Llama step for step, so float32 greedy output equals it token for token.
+Owns :class:`ModelConfig` (the facts read from an HF ``config.json``), the rotary
+frequencies, and :class:`CausalLM` (the network, loaded from ``model.safetensors`` by
+:meth:`CausalLM.from_dir`). Its inputs, :class:`~dynamo_bus.engines.reference.batch.ForwardBatch`
+and :class:`~dynamo_bus.engines.reference.batch.KVCache`, live in
+:mod:`dynamo_bus.engines.reference.batch`; the CPU's packed linears in
+:mod:`dynamo_bus.engines.reference.packed`. The same code runs in float32 or bfloat16 on CPU
+or CUDA. The arithmetic mirrors transformers' Llama step for step, so float32 greedy output
+equals it token for token.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from dynamo_bus.engines.reference.batch import ForwardBatch, KVCache
+from dynamo_bus.engines.reference.packed import PackedLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -103,74 +106,6 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device) -> Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere
-    oneDNN emulates bfloat16 matmuls, slower than float32 ones."""
-    return (torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-
-
-class PackedLinear(nn.Module):
-    """A linear layer whose weight oneDNN has reordered once into its blocked layout, so
-    each call streams the weight without repacking it: on CPU the fast path for decode
-    batches (measured 2x ``F.linear`` per float32 decode step at batch 8).
-
-    ``compute`` is the dtype the weight is packed and multiplied in: the model's own, or
-    float32 for a bfloat16 model on a CPU without native bfloat16 matmuls, where oneDNN's
-    emulated bfloat16 is slower than widening. A product of two bfloat16 values is exact
-    in float32 and both ways accumulate in float32 and round the result to bfloat16, so
-    only the order of the sums differs from a native bfloat16 matmul. Widened, it keeps
-    the bfloat16 weight as well, packed for single rows (batch-1 decode), which are bound
-    by memory bandwidth and read half the bytes from it: three times the weights' bfloat16
-    size in memory, for 1.7x at batch 8 and 1.1x at batch 1 per decode step (measured on
-    a 2-core AVX-512 machine without AVX512-BF16)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int,
-                 compute: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.out_features = weight.shape[0]
-        self.dtype = weight.dtype
-        self.compute = compute or weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach().to(self.compute), batch_hint)
-        self.bias = None if bias is None else bias.detach().to(self.compute)
-        self.narrow = self.narrow_bias = None
-        if self.compute != self.dtype:
-            self.narrow = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-            self.narrow_bias = None if bias is None else bias.detach()
-
-    @staticmethod
-    def plan(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, int] | None:
-        """How a ``dtype`` model's linears are packed on ``device``: (compute dtype, batch
-        hint for oneDNN's layout), or None where they stay plain (CUDA, no oneDNN)."""
-        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return None
-        if dtype == torch.bfloat16 and cpu_has_native_bf16():
-            return torch.bfloat16, 8
-        if dtype in (torch.bfloat16, torch.float32):
-            # Hints of 32 and more pick one float32 layout, faster than the smaller
-            # hints' at decode batches 1 to 32.
-            return torch.float32, 32
-        return None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, "none")
-
-    def silu(self, x: Tensor) -> Tensor:
-        """``silu(self(x))``, oneDNN applying silu to the matmul's float32 result before
-        rounding: one call instead of two, one rounding."""
-        return self._run(x, "swish")
-
-    def _run(self, x: Tensor, post_op: str) -> Tensor:
-        if self.narrow is not None and x.shape[0] == 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.narrow, self.narrow_bias,
-                                                      post_op, [], "")
-        out = torch.ops.mkldnn._linear_pointwise(x.to(self.compute), self.packed, self.bias,
-                                                 post_op, [], "")
-        return out.to(self.dtype)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -182,100 +117,6 @@ class RMSNorm(nn.Module):
         # (F.rms_norm is its pow-mean-rsqrt-mul in one call, bit for bit the same on CPU).
         h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype)
-
-
-@dataclass
-class ForwardBatch:
-    """One forward's flat varlen batch: each sequence owns a run of consecutive rows,
-    whose K/V go to ``slot_mapping`` (``block_id * block_size + offset``) and which attend
-    to the sequence's cached positions (the new ones included) through its block table.
-
-    Attention runs in two groups: every single-token (decode) sequence together in one
-    batched call over K/V gathered block by block through ``decode_blocks`` (padded to
-    the longest context; ``decode_mask`` hides the padding, ``None`` when all contexts
-    are equally long), and each multi-token (prefill) sequence on its own."""
-
-    input_ids: Tensor      # [T] int64
-    positions: Tensor      # [T] int64
-    slot_mapping: Tensor   # [T] int64
-    logits_indices: Tensor  # [N] int64 rows of the flat batch to compute logits for
-    decode_rows: Tensor | None   # [D] rows of the flat batch that decode; None: all, in order
-    decode_blocks: Tensor | None  # [D, blocks] block table of each decoding row, 0-padded
-    decode_width: int            # the longest decoding row's context
-    decode_mask: Tensor | None   # [D, 1, 1, width] bool, True where attended
-    prefills: list[tuple[int, int, int, Tensor]]  # (start, query_len, context_len, blocks)
-
-    @classmethod
-    def build(cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], block_size: int,
-              device: torch.device | str = "cpu",
-              want_logits: Sequence[bool] | None = None) -> ForwardBatch:
-        """From ``(new_token_ids, num_cached, block_table)`` per sequence: the new tokens
-        take positions ``num_cached, num_cached + 1, ...``; logits for each last token
-        (only for the sequences ``want_logits`` marks, if given)."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for new, start, table in seqs:
-            end = start + len(new)
-            if not new or len(table) * block_size < end:
-                raise ValueError(f"sequence needs 1+ new tokens and {math.ceil(end / block_size)}"
-                                 f" blocks; got {len(new)} tokens and {len(table)} blocks")
-            ids.extend(new)
-            positions.extend(range(start, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size
-                         for p in range(start, end))
-        lens = [len(new) for new, _, _ in seqs]
-        ctxs = [start + n for (_, start, _), n in zip(seqs, lens, strict=True)]
-        starts = [0, *accumulate(lens[:-1])]
-        last = [s + n - 1 for s, n, w in zip(starts, lens, want_logits or [True] * len(lens),
-                                             strict=True) if w]
-
-        def t(values: Any) -> Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
-
-        dec = [i for i, n in enumerate(lens) if n == 1]
-        decode_rows = decode_blocks = decode_mask = None
-        decode_width = 0
-        if dec:
-            decode_width = max(ctxs[i] for i in dec)
-            n_blocks = -(-decode_width // block_size)
-            tables = [list(seqs[i][2][:-(-ctxs[i] // block_size)]) for i in dec]
-            decode_blocks = t([tb + [0] * (n_blocks - len(tb)) for tb in tables])
-            # All rows in batch order (a pure decode step): no gather/scatter of rows.
-            decode_rows = None if dec == list(range(len(lens))) else t([starts[i] for i in dec])
-            if any(ctxs[i] != decode_width for i in dec):
-                offsets = torch.arange(decode_width, device=device)
-                dec_ctx = torch.tensor([ctxs[i] for i in dec], device=device)
-                decode_mask = (offsets[None, :] < dec_ctx[:, None])[:, None, None, :]
-        prefills = [(starts[i], lens[i], ctxs[i], t(list(seqs[i][2][:-(-ctxs[i] // block_size)])))
-                    for i in range(len(lens)) if lens[i] > 1]
-        return cls(t(ids), t(positions), t(slots), t(last),
-                   decode_rows, decode_blocks, decode_width, decode_mask, prefills)
-
-
-@dataclass
-class KVCache:
-    """The paged KV cache: per layer one ``[num_blocks, block_size, 2, kv_heads, dim]``
-    tensor, each token's K heads next to its V heads (as the fused projection emits them,
-    so a step writes both with one copy and a decode step gathers both with one), in the
-    model's dtype."""
-
-    layers: list[Tensor]
-
-    @classmethod
-    def allocate(cls, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
-        shape = (num_blocks, block_size, 2, cfg.num_kv_heads, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device)
-                    for _ in range(cfg.num_layers)])
-
-    @property
-    def num_blocks(self) -> int:
-        return self.layers[0].shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self.layers[0].shape[1]
 
 
 class Attention(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dynamo_bus.bus.messages import SamplingOptions
-from dynamo_bus.engines.scheduler import Sampled
+from dynamo_bus.engines.sequence import Sampled
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 

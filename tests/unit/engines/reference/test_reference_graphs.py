@@ -12,12 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from dynamo_bus.engines.reference.batch import ForwardBatch, KVCache  # noqa: E402
 from dynamo_bus.engines.reference.graphs import (  # noqa: E402
     DecodeGraphs,
     batch_buckets,
     width_buckets,
 )
-from dynamo_bus.engines.reference.model import CausalLM, ForwardBatch, KVCache  # noqa: E402
+from dynamo_bus.engines.reference.model import CausalLM  # noqa: E402
 
 BLOCK = 16
 PROMPTS = [list(range(300, 305)), list(range(400, 431)), list(range(500, 547))]  # 5, 31, 47
