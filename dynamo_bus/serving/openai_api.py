@@ -140,7 +140,15 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
             break
     if body.get("n", 1) not in (1, None):
         raise _bad("n", f"only n=1 is supported, got {body['n']!r}")
-    s = parsed.sampling
+    _parse_sampling(body, kind, parsed.sampling)
+    parsed.stop = _stop(body)
+    parsed.stream, parsed.include_usage = _stream(body)
+    parsed.priority = int(_number(body, "priority", 0, -(2**31), 2**31, integer=True))
+    _parse_routing(body, parsed.routing)
+    return parsed
+
+
+def _parse_sampling(body: dict[str, Any], kind: Kind, s: SamplingOptions) -> None:
     s.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     s.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     s.top_k = int(_number(body, "top_k", -1, -1, 2**31, integer=True))
@@ -157,41 +165,50 @@ def parse_request(body: Any, kind: Kind) -> ParsedRequest:
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
             raise _bad("stop_token_ids", "must be an array of integers")
         s.stop_token_ids = list(stop_ids)
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
+    if stop is None:
+        return []
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
-            raise _bad("stop", "must be a non-empty string or an array of them")
-        if len(stop) > _MAX_STOP:
-            raise _bad("stop", f"at most {_MAX_STOP} stop sequences")
-        parsed.stop = stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise _bad("stop", "must be a non-empty string or an array of them")
+    if len(stop) > _MAX_STOP:
+        raise _bad("stop", f"at most {_MAX_STOP} stop sequences")
+    return stop
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "must be a boolean")
-    parsed.stream = stream
     opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise _bad("stream_options", "must be an object")
-        if not stream:
-            raise _bad("stream_options", "is only allowed when stream is true")
-        parsed.include_usage = bool(opts.get("include_usage", False))
-    parsed.priority = int(_number(body, "priority", 0, -(2**31), 2**31, integer=True))
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise _bad("stream_options", "must be an object")
+    if not stream:
+        raise _bad("stream_options", "is only allowed when stream is true")
+    return stream, bool(opts.get("include_usage", False))
+
+
+def _parse_routing(body: dict[str, Any], routing: RoutingHints) -> None:
     strategy = body.get("routing_strategy")
     if strategy is not None:
         if strategy not in ROUTING_STRATEGIES:
             raise _bad("routing_strategy", f"must be one of {', '.join(ROUTING_STRATEGIES)}")
-        parsed.routing.strategy = strategy
+        routing.strategy = strategy
     worker_id = body.get("worker_id")
     if worker_id is not None:
         if not isinstance(worker_id, str):
             raise _bad("worker_id", "must be a string")
-        parsed.routing.worker_id = worker_id
+        routing.worker_id = worker_id
     override = body.get("router_config_override")
     if override is not None:
-        parsed.routing.kv = _router_override(override)
-    return parsed
+        routing.kv = _router_override(override)
 
 
 # Extension ``router_config_override``: the KV-aware cost's weights for one request.

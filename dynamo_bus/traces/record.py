@@ -36,6 +36,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
@@ -84,69 +85,89 @@ class _Logged:
     token_ids: list[int] | None
 
 
+async def _connect(url: str) -> nats.NATS:
+    async def _quiet(exc: Exception) -> None:  # failures surface as exceptions below
+        pass
+
+    try:
+        return await nats.connect(url, name="dynamo-bus-record", connect_timeout=5,
+                                  max_reconnect_attempts=5, reconnect_time_wait=0.5,
+                                  error_cb=_quiet)
+    except Exception as exc:
+        raise ConfigError(f"cannot connect to NATS at {url} (--nats-url): {exc}") from exc
+
+
+async def _subscribe(js: JetStreamContext, url: str, names: Names, *, model: str | None,
+                     since: float | None) -> tuple[JetStreamContext.PushSubscription, int]:
+    """An ordered consumer on the log from ``since`` seconds ago (else its start), and the
+    log's last sequence number when it was made."""
+    try:
+        info = await js.stream_info(names.request_stream)
+    except NotFoundError:
+        raise ConfigError(f"no request log ({names.request_stream}) on {url}: nothing was "
+                          f"served in namespace {names.namespace!r} (--namespace)") from None
+    config = None
+    if since is not None:
+        start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=since)
+        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+                                       opt_start_time=start)
+    subject = names.request_subject(model) if model else names.request_subjects
+    sub = await js.subscribe(subject, stream=names.request_stream, ordered_consumer=True,
+                             config=config)
+    return sub, info.state.last_seq
+
+
+async def _read_messages(sub: JetStreamContext.PushSubscription, end_seq: int, *,
+                         follow: bool, block_size: int, with_tokens: bool,
+                         stop: asyncio.Event) -> tuple[list[_Logged], int]:
+    """Read ``sub`` up to ``end_seq`` (with ``follow``: until ``stop``); the first copy of
+    each request, and how many messages were undecodable."""
+    seen: dict[str, _Logged] = {}
+    skipped = 0
+    while not stop.is_set():
+        try:
+            msg = await sub.next_msg(timeout=0.5)
+        except nats.errors.TimeoutError:
+            if not follow and (await sub.consumer_info()).num_pending == 0:
+                break
+            continue
+        except nats.errors.Error as exc:  # the server went away: keep what we have
+            print(f"stopped reading the request log: {exc}", file=sys.stderr)
+            break
+        md = msg.metadata
+        try:
+            req = REQUEST.decode(msg.data)
+        except ProtocolError:
+            skipped += 1
+        else:
+            if req.request_id not in seen:
+                at = req.created_ns or int(md.timestamp.timestamp() * 1e9)
+                seen[req.request_id] = _Logged(
+                    at, len(req.token_ids), req.sampling.max_tokens,
+                    prefix_block_hashes(req.token_ids, block_size), req.model,
+                    req.token_ids if with_tokens else None)
+        if not follow and (md.sequence.stream >= end_seq or md.num_pending == 0):
+            break
+    return list(seen.values()), skipped
+
+
 async def _read_log(url: str, names: Names, *, model: str | None, since: float | None,
                     follow: bool, block_size: int, with_tokens: bool,
                     stop: asyncio.Event) -> tuple[list[_Logged], int]:
     """The requests in the log (first copy of each), and how many messages were skipped
     as undecodable."""
-    async def _quiet(exc: Exception) -> None:  # failures surface as exceptions below
-        pass
-
-    try:
-        nc = await nats.connect(url, name="dynamo-bus-record", connect_timeout=5,
-                                max_reconnect_attempts=5, reconnect_time_wait=0.5,
-                                error_cb=_quiet)
-    except Exception as exc:
-        raise ConfigError(f"cannot connect to NATS at {url} (--nats-url): {exc}") from exc
+    nc = await _connect(url)
     try:
         js = nc.jetstream(timeout=10)
+        sub, end_seq = await _subscribe(js, url, names, model=model, since=since)
         try:
-            info = await js.stream_info(names.request_stream)
-        except NotFoundError:
-            raise ConfigError(f"no request log ({names.request_stream}) on {url}: nothing was "
-                              f"served in namespace {names.namespace!r} (--namespace)") from None
-        end_seq = info.state.last_seq
-        config = None
-        if since is not None:
-            start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=since)
-            config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
-                                           opt_start_time=start)
-        subject = names.request_subject(model) if model else names.request_subjects
-        sub = await js.subscribe(subject, stream=names.request_stream, ordered_consumer=True,
-                                 config=config)
-        seen: dict[str, _Logged] = {}
-        skipped = 0
-        try:
-            while not stop.is_set():
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except nats.errors.TimeoutError:
-                    if not follow and (await sub.consumer_info()).num_pending == 0:
-                        break
-                    continue
-                except nats.errors.Error as exc:  # the server went away: keep what we have
-                    print(f"stopped reading the request log: {exc}", file=sys.stderr)
-                    break
-                md = msg.metadata
-                try:
-                    req = REQUEST.decode(msg.data)
-                except ProtocolError:
-                    skipped += 1
-                else:
-                    if req.request_id not in seen:
-                        at = req.created_ns or int(md.timestamp.timestamp() * 1e9)
-                        seen[req.request_id] = _Logged(
-                            at, len(req.token_ids), req.sampling.max_tokens,
-                            prefix_block_hashes(req.token_ids, block_size), req.model,
-                            req.token_ids if with_tokens else None)
-                if not follow and (md.sequence.stream >= end_seq or md.num_pending == 0):
-                    break
+            return await _read_messages(sub, end_seq, follow=follow, block_size=block_size,
+                                        with_tokens=with_tokens, stop=stop)
         finally:  # an ephemeral consumer would go by itself after a while; go now
             with contextlib.suppress(Exception):
                 name = (await sub.consumer_info()).name
                 await sub.unsubscribe()
                 await js.delete_consumer(names.request_stream, name)
-        return list(seen.values()), skipped
     finally:
         with contextlib.suppress(Exception):
             await nc.close()

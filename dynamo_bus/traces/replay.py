@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,88 +125,112 @@ async def _send(client: DynamoClient, model: str, tokens: list[int], req: TraceR
             rec.itl_ms = (last - first) * 1000 / (rec.output_tokens - 1)
 
 
+def _check(s: ReplaySettings) -> DynamoClient:
+    """The client for ``s.target``, once the settings are known to be usable."""
+    if s.speedup <= 0:
+        raise ConfigError(f"--speedup must be positive, got {s.speedup}")
+    if s.concurrency is not None and s.concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {s.concurrency}")
+    over_nats = s.target.startswith(("nats://", "tls://"))
+    try:
+        return DynamoClient(s.target, model_dir=s.model if over_nats else None,
+                            namespace=s.namespace, timeout=s.timeout + 5)
+    except ValueError as exc:
+        raise ConfigError(f"--url/--nats-url: {exc}") from exc
+
+
+@dataclass
+class _Sender:
+    """Sends trace requests on one schedule or the other, recording each."""
+
+    client: DynamoClient
+    model: str
+    vocab: int
+    timeout: float
+    bar: Any  # tqdm
+    t0: float = field(default_factory=time.perf_counter)
+    records: list[RequestRecord] = field(default_factory=list)
+
+    async def one(self, i: int, req: TraceRequest, arrival: float) -> None:
+        rec = RequestRecord(index=i, arrival_s=arrival, start_s=time.perf_counter() - self.t0,
+                            prompt_tokens=req.input_length)
+        self.records.append(rec)
+        try:
+            try:
+                tokens = synth_tokens(req, self.vocab).tolist()
+            except ConfigError as exc:  # too few hash ids for its length
+                rec.error = f"trace request {i}: {exc.message}"
+            else:
+                rec.prompt_tokens = len(tokens)
+                await _send(self.client, self.model, tokens, req, rec, self.timeout)
+        finally:
+            self.bar.update()
+            if rec.error is not None:
+                self.bar.set_postfix(errors=sum(r.error is not None for r in self.records))
+
+    async def open_loop(self, trace: list[TraceRequest], speedup: float) -> None:
+        tasks = []
+        start = trace[0].timestamp if trace else 0.0
+        try:
+            for i, req in enumerate(trace):
+                due = (req.timestamp - start) / 1000 / speedup
+                delay = self.t0 + due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(self.one(i, req, due)))
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:  # stopped while sending: cancel what is out
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def closed_loop(self, trace: list[TraceRequest], n: int) -> None:
+        todo = iter(enumerate(trace))
+
+        async def lane() -> None:
+            for i, req in todo:  # shared: each lane takes the next request
+                await self.one(i, req, time.perf_counter() - self.t0)
+
+        await asyncio.gather(*(lane() for _ in range(n)))
+
+
+async def _until_done_or_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run ``work``; cancel it when ``stop`` is set first."""
+    task = asyncio.create_task(work)
+    halt = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, halt], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, halt):
+            t.cancel()
+        await asyncio.gather(task, halt, return_exceptions=True)
+
+
 async def replay(trace: list[TraceRequest], s: ReplaySettings, *,
                  stop: asyncio.Event | None = None,
                  progress: bool = True) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Replay ``trace`` against ``s.target``; returns one record per request sent (in
     trace order) and what the report should say about the run."""
-    if s.speedup <= 0:
-        raise ConfigError(f"--speedup must be positive, got {s.speedup}")
-    if s.concurrency is not None and s.concurrency < 1:
-        raise ConfigError(f"--concurrency must be at least 1, got {s.concurrency}")
+    client = _check(s)
     stop = stop or asyncio.Event()
-    over_nats = s.target.startswith(("nats://", "tls://"))
-    try:
-        client = DynamoClient(s.target, model_dir=s.model if over_nats else None,
-                              namespace=s.namespace, timeout=s.timeout + 5)
-    except ValueError as exc:
-        raise ConfigError(f"--url/--nats-url: {exc}") from exc
-    records: list[RequestRecord] = []
-    clock = time.perf_counter
     async with client:
         model = await _served_model(client, s)
         vocab = s.vocab_size or model_vocab(s.model or model) or DEFAULT_VOCAB
         bar = tqdm(total=len(trace), unit="req", file=sys.stderr, disable=not progress,
                    dynamic_ncols=True, desc="replay")
-        t0 = clock()
-
-        async def one(i: int, req: TraceRequest, arrival: float) -> None:
-            rec = RequestRecord(index=i, arrival_s=arrival, start_s=clock() - t0,
-                                prompt_tokens=req.input_length)
-            records.append(rec)
-            try:
-                try:
-                    tokens = synth_tokens(req, vocab).tolist()
-                except ConfigError as exc:  # too few hash ids for its length
-                    rec.error = f"trace request {i}: {exc.message}"
-                else:
-                    rec.prompt_tokens = len(tokens)
-                    await _send(client, model, tokens, req, rec, s.timeout)
-            finally:
-                bar.update()
-                if rec.error is not None:
-                    bar.set_postfix(errors=sum(r.error is not None for r in records))
-
-        async def open_loop() -> None:
-            tasks = []
-            start = trace[0].timestamp if trace else 0.0
-            try:
-                for i, req in enumerate(trace):
-                    due = (req.timestamp - start) / 1000 / s.speedup
-                    delay = t0 + due - clock()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(one(i, req, due)))
-                await asyncio.gather(*tasks)
-            except asyncio.CancelledError:  # stopped while sending: cancel what is out
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-
-        async def closed_loop(n: int) -> None:
-            todo = iter(enumerate(trace))
-
-            async def lane() -> None:
-                for i, req in todo:  # shared: each lane takes the next request
-                    await one(i, req, clock() - t0)
-
-            await asyncio.gather(*(lane() for _ in range(n)))
-
-        work = asyncio.create_task(closed_loop(s.concurrency) if s.concurrency
-                                   else open_loop())
-        halt = asyncio.create_task(stop.wait())
+        sender = _Sender(client, model, vocab, s.timeout, bar)
+        work = (sender.closed_loop(trace, s.concurrency) if s.concurrency
+                else sender.open_loop(trace, s.speedup))
         try:
-            await asyncio.wait([work, halt], return_when=asyncio.FIRST_COMPLETED)
+            await _until_done_or_stopped(work, stop)
         finally:
-            for task in (work, halt):
-                task.cancel()
-            await asyncio.gather(work, halt, return_exceptions=True)
             bar.close()
-        wall = clock() - t0
+        wall = time.perf_counter() - sender.t0
     # What Ctrl-C cut off did not fail: it is counted, not reported as an error.
-    cut = [r for r in records if r.error == "interrupted"]
-    records = sorted((r for r in records if r.error != "interrupted"), key=lambda r: r.index)
+    cut = [r for r in sender.records if r.error == "interrupted"]
+    records = sorted((r for r in sender.records if r.error != "interrupted"),
+                     key=lambda r: r.index)
     meta = {"target": s.target, "model": model, "requests in trace": len(trace),
             "sent": len(records) + len(cut), "interrupted": stop.is_set(),
             "cancelled in flight": len(cut),

@@ -145,50 +145,54 @@ class SimResult:
         return dict(Counter(r.worker for r in self.records))
 
 
-async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
-    loop = asyncio.get_running_loop()
+def _engines(s: SimSettings) -> dict[str, MockEngine]:
     clock = VirtualClock()
-    engines = {f"w{i}": MockEngine(MODEL, vocab_size=VOCAB, context_length=1 << 24,
-                                   block_size=s.block_size, num_blocks=s.num_blocks,
-                                   max_num_seqs=s.max_num_seqs,
-                                   max_num_batched_tokens=s.max_batched_tokens,
-                                   speedup=s.engine_speedup, clock=clock)
-               for i in range(s.workers)}
-    for e in engines.values():
-        await e.start()
-    view = _SimWorkers(engines, s.block_size)
-    policy = RoutingPolicy(view, s.strategy, block_size=s.block_size, weights=s.weights)
-    index = policy.index
+    return {f"w{i}": MockEngine(MODEL, vocab_size=VOCAB, context_length=1 << 24,
+                                block_size=s.block_size, num_blocks=s.num_blocks,
+                                max_num_seqs=s.max_num_seqs,
+                                max_num_batched_tokens=s.max_batched_tokens,
+                                speedup=s.engine_speedup, clock=clock)
+            for i in range(s.workers)}
 
-    def sync_residency() -> None:
-        for wid, e in engines.items():
+
+@dataclass
+class _Sim:
+    """One simulation run: the engines, the policy in front of them, a record per request."""
+
+    s: SimSettings
+    engines: dict[str, MockEngine]
+    policy: RoutingPolicy
+    records: list[RequestRecord]
+
+    def sync_residency(self) -> None:
+        for wid, e in self.engines.items():
             for h, tier in e.residency_changes().items():
-                index.apply(wid, h, tier)
+                self.policy.index.apply(wid, h, tier)
 
-    async def lagged_residency() -> None:
+    async def lagged_residency(self) -> None:
         while True:
-            await asyncio.sleep(s.residency_lag)
-            sync_residency()
+            await asyncio.sleep(self.s.residency_lag)
+            self.sync_residency()
 
-    lag_task = asyncio.create_task(lagged_residency()) if s.residency_lag > 0 else None
-    records: list[RequestRecord] = [None] * len(trace)  # type: ignore[list-item]
-
-    async def run(i: int, req: TraceRequest, arrival: float) -> None:
+    async def run(self, i: int, req: TraceRequest, arrival: float) -> None:
+        """Route request ``i``, arriving at ``arrival``, and run it to its last token."""
+        loop = asyncio.get_running_loop()
         tokens = synth_tokens(req, VOCAB)
-        hashes = sequence_hashes(tokens, s.block_size)
+        hashes = sequence_hashes(tokens, self.s.block_size)
         rid = f"r{i}"
         msg = Request(request_id=rid, model=MODEL, token_ids=tokens.tolist(), reply_to="")
-        if s.residency_lag == 0:
-            sync_residency()
-        decision = policy.pick(msg, policy.candidates(msg), hashes)
-        policy.sent(msg, decision)
+        if self.s.residency_lag == 0:
+            self.sync_residency()
+        decision = self.policy.pick(msg, self.policy.candidates(msg), hashes)
+        self.policy.sent(msg, decision)
         wid = decision.worker.worker_id
         sampling = SamplingOptions(max_tokens=req.output_length, temperature=0.0,
                                    ignore_eos=True)
-        rec = records[i] = RequestRecord(index=i, arrival_s=arrival, start_s=arrival,
-                                         prompt_tokens=len(tokens), worker=wid)
+        rec = self.records[i] = RequestRecord(index=i, arrival_s=arrival, start_s=arrival,
+                                              prompt_tokens=len(tokens), worker=wid)
         first = last = 0.0
-        async for out in engines[wid].generate(EngineRequest(rid, msg.token_ids, sampling)):
+        async for out in self.engines[wid].generate(EngineRequest(rid, msg.token_ids,
+                                                                  sampling)):
             if out.token_ids and not rec.output_tokens:
                 first = loop.time()
                 rec.cached_tokens = out.cached_tokens
@@ -199,19 +203,33 @@ async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
         if rec.output_tokens > 1:
             rec.itl_ms = (last - first) * 1000 / (rec.output_tokens - 1)
 
-    t0 = trace[0].timestamp if trace else 0.0
-    tasks = []
-    for i, req in enumerate(trace):
-        arrival = (req.timestamp - t0) / 1000 / s.arrival_speedup
-        if arrival > loop.time():
-            await asyncio.sleep(arrival - loop.time())
-        tasks.append(asyncio.create_task(run(i, req, arrival)))
-    await asyncio.gather(*tasks)
+    async def run_all(self, trace: list[TraceRequest]) -> None:
+        """Start each request at its arrival time; wait for them all."""
+        loop = asyncio.get_running_loop()
+        t0 = trace[0].timestamp if trace else 0.0
+        tasks = []
+        for i, req in enumerate(trace):
+            arrival = (req.timestamp - t0) / 1000 / self.s.arrival_speedup
+            if arrival > loop.time():
+                await asyncio.sleep(arrival - loop.time())
+            tasks.append(asyncio.create_task(self.run(i, req, arrival)))
+        await asyncio.gather(*tasks)
+
+
+async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
+    engines = _engines(s)
+    for e in engines.values():
+        await e.start()
+    policy = RoutingPolicy(_SimWorkers(engines, s.block_size), s.strategy,
+                           block_size=s.block_size, weights=s.weights)
+    sim = _Sim(s, engines, policy, [None] * len(trace))  # type: ignore[list-item]
+    lag_task = asyncio.create_task(sim.lagged_residency()) if s.residency_lag > 0 else None
+    await sim.run_all(trace)
     if lag_task is not None:
         lag_task.cancel()
     for e in engines.values():
         await e.stop()
-    return SimResult(settings=s, records=records, wall_s=0.0,
+    return SimResult(settings=s, records=sim.records, wall_s=0.0,
                      preemptions=sum(e.num_preemptions for e in engines.values()))
 
 
