@@ -124,7 +124,7 @@ class Roles:
                               timeout=self.cfg.request_timeout,
                               fold_chunks=self.cfg.fold_chunks)
         await requester.start()
-        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model.path)
         service = CompletionService(requester, model, tokenizer, served_name=self.model_name)
         runner, self.http_port = await start_http(
             make_app(service, registry), self.cfg.http_host,

@@ -3,7 +3,11 @@ model directory, and a whole in-process stack (workers, router, frontend)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +17,13 @@ import pytest
 
 from dynamo_bus.bus.natsserver import EmbeddedNats
 from dynamo_bus.config import Config
-from dynamo_bus.models.modeldir import ModelDir, resolve_model
+from dynamo_bus.models.modeldir import (
+    CACHE_ENV,
+    DEFAULT_MODEL,
+    ModelDir,
+    default_cache_dir,
+    resolve_model,
+)
 from dynamo_bus.roles import Roles
 
 # Fast liveness so tests that kill things finish quickly.
@@ -22,8 +32,20 @@ FAST = dict(heartbeat_interval=0.2, worker_ttl=1.5, router_ack_wait=1.0, drain_t
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Fetch the model once before any test starts (a first run downloads ~98 MB), so
-    the download never counts against one test's timeout."""
-    resolve_model(None, progress=True)
+    the download never counts against one test's timeout, and say where the model cache
+    is and how big it is."""
+    cache = default_cache_dir()
+    first_use = not (cache / "models" / DEFAULT_MODEL).is_dir()
+    started = time.monotonic()
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        resolve_model(None, progress=True)  # pip's progress bar reaches the terminal
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    built = f", fetched and built now in {time.monotonic() - started:.0f} s" if first_use else ""
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"dynamo-bus model cache: {cache} ({size / 1e6:.0f} MB{built}; "
+                            f"set {CACHE_ENV} to put it elsewhere)")
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +125,42 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+class Processes:
+    """The `dynamo-bus` processes one test starts. Teardown kills and reaps every one still
+    running (and closes its pipe), so a failing test never leaves a process behind to
+    break the tests after it."""
+
+    def __init__(self) -> None:
+        self._started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, log: Path | None = None,
+              **popen: Any) -> subprocess.Popen[bytes]:
+        """``dynamo-bus ARGS...`` with its output in ``log`` (else as ``popen`` says)."""
+        cmd = [sys.executable, "-m", "dynamo_bus.cli", *args]
+        if log is None:
+            proc = subprocess.Popen(cmd, env=cli_env(), **popen)
+        else:
+            with open(log, "wb") as out:  # the child keeps its own descriptor
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                        env=cli_env(), **popen)
+        self._started.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self._started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.close()

@@ -173,6 +173,10 @@ async def ensure_topology(js: JetStreamContext, names: Names,
 
 
 ROUTER_MAX_DELIVER = 5
+# Seconds before a request a worker took from its work queue and never acked is delivered
+# again: the worker's queue consumer's ack wait, and how long a router waits for a gone
+# worker to come back before it sends that worker's queue elsewhere.
+WORK_ACK_WAIT = 30.0
 
 
 def router_consumer_config(names: Names, cfg: Config) -> js_api.ConsumerConfig:

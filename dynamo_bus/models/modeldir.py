@@ -108,7 +108,27 @@ def load_model_dir(path: Path, *, name: str | None = None,
         eos = config.get("eos_token_id", text.get("eos_token_id"))
     eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
     return ModelDir(path=path, name=name or path.resolve().name, context_length=context_length,
-                    eos_token_ids=eos_ids, vocab_size=vocab_size, gguf_path=gguf_path)
+                    eos_token_ids=eos_ids, vocab_size=vocab_size,
+                    gguf_path=gguf_path or find_gguf(path))
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF a model directory's weights are built from: the one this package built the
+    directory from (named in its build marker, so ``--model "$(dynamo-bus model)"`` finds
+    it), else the only ``*.gguf`` inside the directory; None when there is none."""
+    try:
+        built_from = json.loads((path / MARKER).read_text()).get("gguf")
+    except (OSError, ValueError, AttributeError):
+        built_from = None
+    if isinstance(built_from, str) and Path(built_from).is_file():
+        return Path(built_from)
+    inside = sorted(path.glob("*.gguf"))
+    return inside[0] if len(inside) == 1 else None
+
+
+def is_built_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory this package built from a GGUF (the default model's)."""
+    return (path / MARKER).is_file()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -202,8 +222,11 @@ def _build_dir(gguf_path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target, ".tmp")
     tmp.mkdir()
+    # Imported here: a warm start never parses a GGUF or builds a tokenizer.
+    from dynamo_bus.models.gguf import write_hf_files
+
     try:
-        _write_hf_files(gguf_path, tmp)
+        write_hf_files(gguf_path, tmp)
         (tmp / MARKER).write_text(json.dumps({"format": BUILD_FORMAT, "gguf": str(gguf_path)}))
         if target.exists():
             # Incomplete or an old format: move it aside so the swap stays one rename.
@@ -224,74 +247,3 @@ def _temp_sibling(path: Path, suffix: str) -> Path:
     """A unique hidden name next to ``path``: same filesystem, so renaming it is atomic.
     Created by the caller with open()/mkdir(), which (unlike tempfile) honour the umask."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
-
-
-def _write_hf_files(gguf_path: Path, out: Path) -> None:
-    """Write config, generation config and tokenizer files from a llama GGUF's metadata."""
-    # Heavy imports (gguf parses the whole file, ~2 s) happen only on a cold build.
-    import gguf
-    import numpy as np
-
-    from dynamo_bus.models.tokenizer import build_byte_level_bpe
-
-    reader = gguf.GGUFReader(gguf_path)
-    meta = {key: field.contents() for key, field in reader.fields.items()
-            if not key.startswith("tokenizer.ggml.")}
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-
-    def tok(key: str) -> Any:
-        field = reader.fields.get(f"tokenizer.ggml.{key}")
-        return None if field is None else field.contents()
-
-    def f32(key: str) -> float:
-        # GGUF stores float32; print the shortest decimal that is the same float32 (1e-05).
-        return float(str(np.float32(meta[key])))
-
-    arch = meta["general.architecture"]
-    if arch != "llama" or tok("model") != "gpt2":
-        raise ModelUnavailable(f"{str(gguf_path)!r} is a {arch}/{tok('model')} GGUF; only "
-                               f"llama with a byte-level BPE tokenizer is supported. {_FIX_HINT}.")
-    heads = meta["llama.attention.head_count"]
-    hidden = meta["llama.embedding_length"]
-    bos, eos, pad, unk = tok("bos_token_id"), tok("eos_token_id"), tok("padding_token_id"), \
-        tok("unknown_token_id")
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": heads,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads),
-        "head_dim": meta.get("llama.rope.dimension_count", hidden // heads),
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "rms_norm_eps": f32("llama.attention.layer_norm_rms_epsilon"),
-        "rope_theta": f32("llama.rope.freq_base"), "rope_scaling": None,
-        "max_position_embeddings": meta["llama.context_length"],
-        "vocab_size": meta.get("llama.vocab_size", len(tokens)),
-        # llama.cpp drops output.weight when the LM head shares the embedding matrix.
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
-        "torch_dtype": "bfloat16", "use_cache": True,
-    }
-    types = tok("token_type")
-    special = [i for i, t in enumerate(types) if t == 3]  # 3 is llama.cpp's CONTROL
-    tokenizer = build_byte_level_bpe(tokens, tok("merges"), special, pre=tok("pre"))
-    tokenizer.save(str(out / "tokenizer.json"))
-    names = {key: tokens[i] for key, i in
-             (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk))
-             if i is not None}
-    extra = [tokens[i] for i in (bos, eos) if i is not None]
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False,
-        "add_bos_token": bool(tok("add_bos_token")), "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"], **names,
-        "additional_special_tokens": extra, "chat_template": meta.get("tokenizer.chat_template"),
-        "added_tokens_decoder": {str(i): {"content": tokens[i], "lstrip": False,
-                                          "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True}
-                                 for i in special},
-    }
-    generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
-    for file, data in (("config.json", config), ("generation_config.json", generation),
-                       ("tokenizer_config.json", tokenizer_config),
-                       ("special_tokens_map.json", {**names, "additional_special_tokens": extra})):
-        (out / file).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                                encoding="utf-8")

@@ -1,8 +1,8 @@
 """Text in and out of token ids for a model directory.
 
 Owns the :class:`Tokenizer` wrapper (encode, decode, chat template rendering the way
-transformers renders it), the :class:`IncrementalDetokenizer` the frontend runs per streamed
-chunk, and building a byte-level BPE ``tokenizer.json`` from a GGUF's vocabulary.
+transformers renders it) and the :class:`IncrementalDetokenizer` the frontend runs per
+streamed chunk.
 """
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from dynamo_bus.errors import InvalidRequest, ModelUnavailable
-
-if TYPE_CHECKING:
-    from dynamo_bus.models.modeldir import ModelDir
 
 REPLACEMENT = "\ufffd"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
@@ -45,10 +41,9 @@ class Tokenizer:
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     @classmethod
-    def from_dir(cls, model_dir: ModelDir | Path) -> Tokenizer:
+    def from_dir(cls, path: Path) -> Tokenizer:
         """Load ``tokenizer.json`` and the chat template and special tokens from
-        ``chat_template.jinja`` / ``tokenizer_config.json`` in a model directory."""
-        path = model_dir if isinstance(model_dir, Path) else model_dir.path
+        ``chat_template.jinja`` / ``tokenizer_config.json`` in the model directory ``path``."""
         try:
             backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
             config_file = path / "tokenizer_config.json"
@@ -160,28 +155,6 @@ class IncrementalDetokenizer:
         return out
 
 
-def build_byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], special_ids: Sequence[int],
-                         *, pre: str | None) -> tokenizers.Tokenizer:
-    """A byte-level BPE tokenizer from a GGUF vocabulary, shaped like the ``tokenizer.json``
-    the model was trained with (``pre`` is llama.cpp's ``tokenizer.ggml.pre``)."""
-    if pre != "smollm":
-        # Each pre-tokenizer name stands for a split regex; only the one we ship is mapped.
-        raise ModelUnavailable(f"Unsupported GGUF pre-tokenizer {pre!r} (supported: 'smollm').")
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                     merges=[_pair(m) for m in merges])
-    tok = tokenizers.Tokenizer(bpe)
-    # SmolLM2 (like StarCoder) splits every digit before the GPT-2 regex: llama.cpp's
-    # "smollm" is regexes [\p{N}, gpt2], which is this pair.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i in special_ids])
-    return tok
-
-
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte as the printable character that stands
     for it in a byte-level BPE vocabulary."""
@@ -210,11 +183,6 @@ def _is_byte_level(backend: tokenizers.Tokenizer) -> bool:
     if state.get("type") == "Sequence" and len(state.get("decoders", [])) == 1:
         state = state["decoders"][0]
     return bool(state.get("type") == "ByteLevel")
-
-
-def _pair(merge: str) -> tuple[str, str]:
-    left, right = merge.split(" ", 1)  # byte-level symbols never hold a space (it is Ġ)
-    return left, right
 
 
 def _content(value: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from dynamo_bus.errors import ModelUnavailable
-from dynamo_bus.models.modeldir import ModelDir
+from dynamo_bus.models.modeldir import ModelDir, is_built_dir
 
 WEIGHTS_FILE = "model.safetensors"
 # Bump when the bytes we write for the same GGUF change, so old files are rebuilt.
@@ -60,8 +60,15 @@ def ensure_weights(model_dir: ModelDir, dtype: str = "bfloat16", *,
         if target.is_file() or index.is_file():
             # A plain HF directory: its weights (one file or shards) are what it shipped.
             return target if target.is_file() else index
+        if is_built_dir(model_dir.path):
+            fix = ("it was built from the default model's GGUF, which was not found: "
+                   "`dynamo-bus model` fetches it again (about 93 MB, once)")
+        else:
+            fix = (f"put the checkpoint's {WEIGHTS_FILE} (or its shards and "
+                   f"{WEIGHTS_FILE}.index.json), or exactly one *.gguf to build it from, "
+                   f"in that directory")
         raise ModelUnavailable(f"{str(model_dir.path)!r} has no {WEIGHTS_FILE} and no GGUF to "
-                               f"build one from.", param="model")
+                               f"build one from; {fix}.", param="model")
     source = _source_id(gguf_path)
     if _is_complete(target, dtype, source):
         return target

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 
 from dynamo_bus.bus.connection import (
     ROUTER_MAX_DELIVER,
+    WORK_ACK_WAIT,
     Bus,
     decode_request,
     ensure_consumer,
@@ -46,7 +47,6 @@ from dynamo_bus.errors import NoWorker, ProtocolError
 from dynamo_bus.hashing import sequence_hashes
 from dynamo_bus.routing.policy import AllBusy, Decision, KvWeights, NoEligibleWorker, RoutingPolicy
 from dynamo_bus.routing.residency import ResidencyWatcher
-from dynamo_bus.worker.runtime import WORK_ACK_WAIT
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,7 @@ class _Nats:
 
         cfg = Config(nats_url=self.url, namespace=self.namespace, model=self.model_dir)
         model = await asyncio.to_thread(resolve_model, self.model_dir)
-        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model.path)
         self.bus = await open_bus(cfg, self.url, name="dynamo-client", ensure=False)
         try:
             self.registry = Registry(self.bus, ttl=cfg.worker_ttl)

@@ -22,7 +22,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from dynamo_bus.bus.connection import Bus, decode_request, ensure_consumer
+from dynamo_bus.bus.connection import WORK_ACK_WAIT, Bus, decode_request, ensure_consumer
 from dynamo_bus.bus.consumer import PullConsumer
 from dynamo_bus.bus.handback import hand_back
 from dynamo_bus.bus.messages import (
@@ -45,8 +45,6 @@ from dynamo_bus.errors import DynamoBusError, ProtocolError
 from dynamo_bus.routing.residency import ResidencyPublisher
 
 log = logging.getLogger(__name__)
-
-WORK_ACK_WAIT = 30.0
 
 
 class Worker:

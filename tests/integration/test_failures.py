@@ -8,8 +8,8 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
 import time
+import urllib.request
 
 import aiohttp
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from dynamo_bus.bus.connection import connect
 from dynamo_bus.bus.messages import REQUEST, RESPONSE, Chunk, Request, SamplingOptions
 from dynamo_bus.bus.subjects import Names
-from tests.conftest import FAST, cli_env
+from tests.conftest import FAST, Processes
 
 pytestmark = pytest.mark.integration
 
@@ -25,33 +25,29 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 def _flags(cfg_nats: str, model_path: str, **extra: object) -> list[str]:
-    settings = {**FAST, "nats_url": cfg_nats, "model": model_path, **extra}
+    # The mock engine: these workers need the model's config and tokenizer, no weights.
+    settings = {**FAST, "nats_url": cfg_nats, "model": model_path, "engine": "mock", **extra}
     out: list[str] = []
     for k, v in settings.items():
         out += ["--" + k.replace("_", "-"), str(v)]
     return out
 
 
-def _spawn(role: str, flags: list[str], log_path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "dynamo_bus.cli", role, *flags],
-                                stdout=log, stderr=subprocess.STDOUT, env=cli_env())
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-async def _one_at_a_time_worker(s, model_dir, tmp_path, worker_id: str
+async def _one_at_a_time_worker(s, procs: Processes, model_dir, tmp_path, worker_id: str
                                 ) -> subprocess.Popen[bytes]:
     """A worker in its own process that runs one request at a time, each for seconds
     (so a test can catch it mid-request with others queued), registered and ready."""
-    proc = _spawn("worker", _flags(s.nats_url, str(model_dir.path), worker_id=worker_id,
-                                   max_concurrency=1, mock_speedup=0.05), tmp_path / "w.log")
-    assert await s.roles.routers[0].registry.wait_for_worker(MODEL, timeout=30)
-    return proc
+    log = tmp_path / "w.log"
+    proc = procs.start("worker", *_flags(s.nats_url, str(model_dir.path), worker_id=worker_id,
+                                         max_concurrency=1, mock_speedup=0.05), log=log)
+    registry = s.roles.routers[0].registry
+    for _ in range(300):
+        if await registry.wait_for_worker(MODEL, timeout=0.1):
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"the worker exited with {proc.returncode}:\n"
+                                 f"{log.read_text()[-2000:]}")
+    raise AssertionError(f"the worker never registered:\n{log.read_text()[-2000:]}")
 
 
 async def _direct(http: aiohttp.ClientSession, url: str, i: int, worker_id: str) -> tuple:
@@ -70,31 +66,28 @@ async def _chat(http: aiohttp.ClientSession, url: str, i: int, max_tokens: int =
     return resp.status, raw.rstrip().endswith(b"data: [DONE]"), b'"error"' in raw
 
 
-async def test_killing_a_router_replica_mid_load_loses_no_request(stack, model_dir, tmp_path):
+async def test_killing_a_router_replica_mid_load_loses_no_request(stack, procs, model_dir,
+                                                                  tmp_path):
     s = await stack(workers=2, router=False, mock_speedup=20.0)
-    routers = [_spawn("router", _flags(s.nats_url, str(model_dir.path)), tmp_path / f"r{i}.log")
-               for i in range(2)]
+    routers = [procs.start("router", *_flags(s.nats_url, str(model_dir.path)),
+                           log=tmp_path / f"r{i}.log") for i in range(2)]
     js, names = s.roles.workers[0].bus.js, Names(s.cfg.namespace)
-    try:
-        # Both replicas are pulling: two standing pull requests on the shared consumer.
-        for _ in range(300):
-            info = await js.consumer_info(names.request_stream, names.router_consumer)
-            if info.num_waiting >= 2:
-                break
-            await asyncio.sleep(0.1)
-        assert info.num_waiting >= 2, "router replicas never started pulling"
-        # Freeze one replica so the requests the server hands it stay un-acked, then
-        # kill it: those requests must come back to the other replica.
-        routers[0].send_signal(signal.SIGSTOP)
-        async with aiohttp.ClientSession() as http:
-            tasks = [asyncio.create_task(_chat(http, s.base_url, i)) for i in range(120)]
-            await asyncio.sleep(0.5)
-            routers[0].send_signal(signal.SIGKILL)
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 90)
+    # Both replicas are pulling: two standing pull requests on the shared consumer.
+    for _ in range(300):
         info = await js.consumer_info(names.request_stream, names.router_consumer)
-    finally:
-        for r in routers:
-            _stop(r)
+        if info.num_waiting >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert info.num_waiting >= 2, "router replicas never started pulling"
+    # Freeze one replica so the requests the server hands it stay un-acked, then
+    # kill it: those requests must come back to the other replica.
+    routers[0].send_signal(signal.SIGSTOP)
+    async with aiohttp.ClientSession() as http:
+        tasks = [asyncio.create_task(_chat(http, s.base_url, i)) for i in range(120)]
+        await asyncio.sleep(0.5)
+        routers[0].send_signal(signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 90)
+    info = await js.consumer_info(names.request_stream, names.router_consumer)
     failed = [r for r in results if r != (200, True, False)]
     assert failed == [], f"{len(failed)} of {len(results)} requests failed"
     # Deliveries beyond one per message: the dead replica's requests, delivered again.
@@ -102,21 +95,18 @@ async def test_killing_a_router_replica_mid_load_loses_no_request(stack, model_d
         "the killed replica held no request: nothing was tested")
 
 
-async def test_sigterm_drains_a_worker_and_hands_back_queued_work(stack, model_dir, tmp_path):
+async def test_sigterm_drains_a_worker_and_hands_back_queued_work(stack, procs, model_dir,
+                                                                  tmp_path):
     s = await stack(workers=0)
-    proc = await _one_at_a_time_worker(s, model_dir, tmp_path, "slow")
-    try:
-        registry = s.roles.routers[0].registry
-        async with aiohttp.ClientSession() as http:
-            tasks = [asyncio.create_task(_direct(http, s.base_url, i, "slow"))
-                     for i in range(3)]
-            await asyncio.sleep(1.0)      # the first is generating, two are queued
-            await s.roles.add_workers(1)  # somewhere for handed-back work to go
-            proc.send_signal(signal.SIGTERM)
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
-    finally:
-        _stop(proc)
+    proc = await _one_at_a_time_worker(s, procs, model_dir, tmp_path, "slow")
+    registry = s.roles.routers[0].registry
+    async with aiohttp.ClientSession() as http:
+        tasks = [asyncio.create_task(_direct(http, s.base_url, i, "slow")) for i in range(3)]
+        await asyncio.sleep(1.0)      # the first is generating, two are queued
+        await s.roles.add_workers(1)  # somewhere for handed-back work to go
+        proc.send_signal(signal.SIGTERM)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
     assert [status for status, _ in results] == [200, 200, 200]
     assert all(body["usage"]["completion_tokens"] == 24 for _, body in results)
     log = (tmp_path / "w.log").read_text()
@@ -205,12 +195,11 @@ async def test_second_start_reuses_streams_and_buckets(stack) -> None:
         assert (await _chat(http, second.base_url, 1, 4))[:2] == (200, True)
 
 
-def _start_serve(model_dir, tmp_path) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dynamo_bus.cli", "serve", "--http-port", "0", "--model",
-         str(model_dir.path), "--store-dir", str(tmp_path / "js"), "--engine", "mock",
-         "--mock-speedup", "1000"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env())
+def _start_serve(procs: Processes, model_dir, tmp_path) -> tuple[subprocess.Popen[bytes], int]:
+    proc = procs.start("serve", "--http-port", "0", "--model", str(model_dir.path),
+                       "--store-dir", str(tmp_path / "js"), "--engine", "mock",
+                       "--mock-speedup", "1000", stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode()
@@ -234,45 +223,36 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_serve_answers_then_stops_with_everything_it_started(model_dir, tmp_path, sig):
+def test_serve_answers_then_stops_with_everything_it_started(procs, model_dir, tmp_path, sig):
     """`dynamo-bus serve` (own nats-server, frontend in a child process) answers; on
     SIGTERM it exits 0, and even after SIGKILL none of its children outlive it."""
-    proc, port = _start_serve(model_dir, tmp_path)
-    try:
-        children = _children(proc.pid)
-        assert len(children) == 2  # nats-server and the frontend
-        import urllib.request
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as r:
-            assert r.status == 200
-        proc.send_signal(sig)
-        code = proc.wait(30)
-        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
-        for _ in range(100):
-            if not any(_alive(c) for c in children):
-                break
-            time.sleep(0.1)
-        assert [c for c in children if _alive(c)] == []
-    finally:
-        _stop(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    proc, port = _start_serve(procs, model_dir, tmp_path)
+    children = _children(proc.pid)
+    assert len(children) == 2  # nats-server and the frontend
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as r:
+        assert r.status == 200
+    proc.send_signal(sig)
+    code = proc.wait(30)
+    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    for _ in range(100):
+        if not any(_alive(c) for c in children):
+            break
+        time.sleep(0.1)
+    assert [c for c in children if _alive(c)] == []
 
 
-async def test_a_killed_workers_queue_is_sent_elsewhere(stack, model_dir, tmp_path) -> None:
+async def test_a_killed_workers_queue_is_sent_elsewhere(stack, procs, model_dir,
+                                                       tmp_path) -> None:
     """SIGKILL, no drain: what it was generating fails fast with a 503 (not a hang until
     the timeout); what waited in its queue is routed to another worker and completes."""
     s = await stack(workers=0)
-    proc = await _one_at_a_time_worker(s, model_dir, tmp_path, "doomed")
-    try:
-        async with aiohttp.ClientSession() as http:
-            tasks = [asyncio.create_task(_direct(http, s.base_url, i, "doomed"))
-                     for i in range(3)]
-            await asyncio.sleep(1.0)
-            await s.roles.add_workers(1)
-            proc.send_signal(signal.SIGKILL)
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
-    finally:
-        _stop(proc)
+    proc = await _one_at_a_time_worker(s, procs, model_dir, tmp_path, "doomed")
+    async with aiohttp.ClientSession() as http:
+        tasks = [asyncio.create_task(_direct(http, s.base_url, i, "doomed")) for i in range(3)]
+        await asyncio.sleep(1.0)
+        await s.roles.add_workers(1)
+        proc.send_signal(signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     assert sorted(status for status, _ in results) == [200, 200, 503]
 
 

@@ -22,7 +22,7 @@ N = 24  # tokens per answer: enough for split characters and special tokens to s
 @pytest.fixture(scope="module")
 def special_tokens(model_dir: ModelDir) -> set[str]:
     """Texts of the special tokens: they have entries but no text in the answer."""
-    backend = Tokenizer.from_dir(model_dir).backend
+    backend = Tokenizer.from_dir(model_dir.path).backend
     return {t.content for t in backend.get_added_tokens_decoder().values()}
 
 

@@ -4,6 +4,7 @@ same logits and greedy text as transformers' own GGUF loader, written once, atom
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ import gguf  # noqa: E402
 
 from dynamo_bus.errors import ModelUnavailable  # noqa: E402
 from dynamo_bus.models import weights  # noqa: E402
-from dynamo_bus.models.modeldir import ModelDir  # noqa: E402
+from dynamo_bus.models.modeldir import MARKER, ModelDir, resolve_model  # noqa: E402
 from dynamo_bus.models.weights import (  # noqa: E402
     WEIGHTS_FILE,
     ensure_weights,
@@ -211,3 +212,22 @@ def test_without_gguf_or_weights_is_a_clear_error(model_dir: ModelDir, tmp_path:
     (copy.path / WEIGHTS_FILE).write_bytes(b"")
     assert ensure_weights(copy) == copy.path / WEIGHTS_FILE
     assert os.path.getsize(copy.path / WEIGHTS_FILE) == 0  # a shipped file is left alone
+
+
+def test_built_directory_given_by_path_builds_its_weights(model_dir: ModelDir,
+                                                          tmp_path: Path) -> None:
+    copy = _copy(model_dir, tmp_path / "m")
+    by_path = resolve_model(str(copy.path))
+    assert by_path.gguf_path == model_dir.gguf_path
+    assert ensure_weights(by_path, "bfloat16") == copy.path / WEIGHTS_FILE
+    assert read_header(copy.path / WEIGHTS_FILE)[0]["__metadata__"]["dtype"] == "bfloat16"
+
+
+def test_built_directory_whose_gguf_is_gone_names_the_command(model_dir: ModelDir,
+                                                              tmp_path: Path) -> None:
+    copy = _copy(model_dir, tmp_path / "m")
+    (copy.path / MARKER).write_text(json.dumps({"format": 1, "gguf": str(tmp_path / "x.gguf")}))
+    by_path = resolve_model(str(copy.path))
+    assert by_path.gguf_path is None
+    with pytest.raises(ModelUnavailable, match="`dynamo-bus model` fetches it again"):
+        ensure_weights(by_path)

@@ -237,7 +237,7 @@ def _chunks(ids: list[int], sizes: list[int], finish: str = "length",
 
 @pytest.fixture(scope="module")
 def service(model_dir: ModelDir) -> CompletionService:
-    return CompletionService(None, model_dir, Tokenizer.from_dir(model_dir))  # type: ignore[arg-type]
+    return CompletionService(None, model_dir, Tokenizer.from_dir(model_dir.path))  # type: ignore[arg-type]
 
 
 def _parsed(kind: Kind, k: int | None, stop: list[str] | None = None,
