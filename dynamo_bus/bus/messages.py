@@ -114,6 +114,9 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", omit_defaults=True):
     logprobs: list[float] | None = None
     v: int = 1
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Which run of the worker process sent it (with ``worker_id``, on a request's first
+    # chunk): a reader never joins chunks of two runs into one answer.
+    incarnation: str = ""
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
@@ -128,6 +131,29 @@ class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
 
 
 Response = Chunk | Error
+
+
+class Resend(msgspec.Struct, omit_defaults=True):
+    """Ask whoever ran a request to send its chunks from output position ``from_index`` on
+    again (to the request's reply subject): the requester saw a gap, or its connection
+    dropped and some may be lost. Asked as a NATS request; only a worker that holds the
+    request's chunks answers, with a ``ResendAck``."""
+
+    request_id: str
+    from_index: int = 0
+    v: int = 1
+
+
+class ResendAck(msgspec.Struct, omit_defaults=True):
+    """A worker's answer to ``Resend``: it sent ``chunks`` chunks again (on the reply
+    subject, before this answer); ``finished``: the request has ended there."""
+
+    request_id: str
+    worker_id: str
+    incarnation: str = ""
+    chunks: int = 0
+    finished: bool = False
+    v: int = 1
 
 
 class Cancel(msgspec.Struct, omit_defaults=True):
@@ -164,6 +190,9 @@ class Registration(msgspec.Struct, omit_defaults=True):
     context_length: int = 0
     draining: bool = False
     v: int = 1
+    # A new value under the same worker id is a new process: the old one is gone, and
+    # so are the requests it was running.
+    incarnation: str = ""
 
 
 class Load(msgspec.Struct, omit_defaults=True):
@@ -229,6 +258,8 @@ class Codec(Generic[T]):
 REQUEST: Codec[Request] = Codec(Request)
 RESPONSE: Codec[Response] = Codec(Response)
 CANCEL: Codec[Cancel] = Codec(Cancel)
+RESEND: Codec[Resend] = Codec(Resend)
+RESEND_ACK: Codec[ResendAck] = Codec(ResendAck)
 REGISTRATION: Codec[Registration] = Codec(Registration)
 LOAD: Codec[Load] = Codec(Load)
 RESIDENCY: Codec[Residency] = Codec(Residency)

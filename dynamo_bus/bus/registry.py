@@ -35,7 +35,9 @@ class Registry:
         self._retired: set[asyncio.Task[None]] = set()  # cancelled, still finishing
         self._closed = False
         self._changed = asyncio.Event()
-        self.on_removed: list[Callable[[str], None]] = []
+        # (worker id, incarnation): a worker left, or the process behind its id was
+        # replaced by a new one (what ran on the old one is gone with it).
+        self.on_removed: list[Callable[[str, str], None]] = []
 
     async def start(self) -> None:
         workers_seen = asyncio.Event()
@@ -98,15 +100,20 @@ class Registry:
     def _on_worker(self, key: str, value: bytes | None) -> None:
         loop = asyncio.get_running_loop()
         if value is None:
-            if self._workers.pop(key, None) is not None:
-                self._removed(key)
+            gone = self._workers.pop(key, None)
+            if gone is not None:
+                self._removed(key, gone[0].incarnation)
             return
         try:
             reg = REGISTRATION.decode(value)
         except ProtocolError as exc:
             log.warning("ignoring worker %s: %s", key, exc)
             return
+        old = self._workers.get(key)
         self._workers[key] = (reg, loop.time())
+        if old is not None and old[0].incarnation != reg.incarnation:
+            log.info("worker %s restarted (a new process under the same id)", key)
+            self._removed(key, old[0].incarnation, keep_load=True)
         self._changed.set()
 
     def _on_load(self, key: str, value: bytes | None) -> None:
@@ -117,17 +124,18 @@ class Registry:
             self._loads[key] = LOAD.decode(value)
             self._changed.set()
 
-    def _removed(self, worker_id: str) -> None:
-        self._loads.pop(worker_id, None)
-        log.info("worker %s left", worker_id)
+    def _removed(self, worker_id: str, incarnation: str, *, keep_load: bool = False) -> None:
+        if not keep_load:
+            self._loads.pop(worker_id, None)
+            log.info("worker %s left", worker_id)
         for cb in self.on_removed:
-            cb(worker_id)
+            cb(worker_id, incarnation)
 
     def _expire(self) -> None:
         now = asyncio.get_running_loop().time()
         for wid in [w for w, (_, seen) in self._workers.items() if now - seen > self.ttl]:
-            del self._workers[wid]
-            self._removed(wid)
+            reg, _ = self._workers.pop(wid)
+            self._removed(wid, reg.incarnation)
 
     def workers(self, model: str | None = None, *,
                 include_draining: bool = False) -> list[Registration]:

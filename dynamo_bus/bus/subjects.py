@@ -102,6 +102,10 @@ class Names:
     def cancel_subject(self) -> str:
         return f"dyn.{self._ns}.cancel"
 
+    @property
+    def resend_subject(self) -> str:
+        return f"dyn.{self._ns}.resend"
+
     # -- KV buckets --------------------------------------------------------------
     @property
     def workers_bucket(self) -> str:
@@ -137,6 +141,7 @@ class Names:
             "worker_consumer": self.worker_consumer("W").replace("-W", "-<worker_id>"),
             "response_subject": self.response_subject("<client_id>", "<request_id>"),
             "cancel_subject": self.cancel_subject,
+            "resend_subject": self.resend_subject,
             "workers_bucket": self.workers_bucket,
             "load_bucket": self.load_bucket,
             "residency_bucket": self.residency_bucket,

@@ -113,29 +113,43 @@ class Tokenizer:
 
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text pieces whose concatenation (plus
-    :meth:`flush`) equals decoding all the ids at once.
+    :meth:`flush`) equals decoding all the ids at once, less incomplete bytes at the end.
 
     Decodes a short window of recent ids per push and hands out only text past what it
     already gave; trailing U+FFFD (a multi-byte character split across tokens) is held
     back until it completes. A few earlier ids stay in the window as context, because
     decoders such as sentencepiece's drop the leading space of a window's first token.
+
+    The window starts with the tail of the prompt (``prompt``), as vLLM primes its
+    decode stream with the prompt: a character whose first bytes end the prompt and whose
+    last bytes start the output is the output's first character, not U+FFFD. Bytes that
+    no token completes by the end are dropped (:meth:`flush`), as vLLM's OpenAI server
+    drops them, in streams and whole responses alike.
     """
 
     _TRIM_AT = 16  # window length that triggers a trim; bounds the per-push decode cost
     _CONTEXT = 4  # ids kept as context after a trim
+    _PROMPT_CONTEXT = 6  # prompt ids the window starts with (a character is <= 4 bytes)
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True,
+                 prompt: Sequence[int] = ()) -> None:
         self._decode = tokenizer.backend.decode
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._emitted = 0  # chars of decode(self._ids) already returned
+        self._ids: list[int] = list(prompt[-self._PROMPT_CONTEXT:])
+        # The prompt's own text is not ours to give out; its incomplete last character is.
+        self._emitted = len(self._complete(self._decode(self._ids, skip_special_tokens=self._skip)))
+
+    @staticmethod
+    def _complete(text: str) -> str:
+        """``text`` without the U+FFFD of bytes a later token may still complete."""
+        return text.rstrip(REPLACEMENT) if text.endswith(REPLACEMENT) else text
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add ids; return the newly completed text (possibly empty)."""
         ids = self._ids
         ids.extend(token_ids)
         text = self._decode(ids, skip_special_tokens=self._skip)
-        end = len(text.rstrip(REPLACEMENT)) if text.endswith(REPLACEMENT) else len(text)
+        end = len(self._complete(text))
         out = text[self._emitted:end] if end > self._emitted else ""
         if end == len(text) and len(ids) > self._TRIM_AT:
             del ids[:-self._CONTEXT]
@@ -147,8 +161,8 @@ class IncrementalDetokenizer:
         return out
 
     def flush(self) -> str:
-        """End the stream: return whatever is held back (incomplete bytes as U+FFFD)."""
-        text = self._decode(self._ids, skip_special_tokens=self._skip)
+        """End the stream: return what is held back, less bytes no token completed."""
+        text = self._complete(self._decode(self._ids, skip_special_tokens=self._skip))
         out = text[self._emitted:]
         self._ids.clear()
         self._emitted = 0

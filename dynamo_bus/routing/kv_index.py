@@ -14,6 +14,12 @@ from dynamo_bus.bus.messages import TIERS
 TIER_RANK = {t: i for i, t in enumerate(TIERS)}  # device 0, host 1, disk 2
 
 
+
+def residency_instance(started_at: float) -> int:
+    """The incarnation a worker's residency carries: its start time (``Registration.
+    started_at``, seconds) in nanoseconds, so a router reading either agrees."""
+    return int(started_at * 1e9)
+
 class ResidencyIndex:
     """block hash -> {worker: fastest tier}, each worker's block count and incarnation.
 

@@ -48,7 +48,7 @@ from dynamo_bus.bus.messages import (
 )
 from dynamo_bus.errors import ConfigError
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
-from dynamo_bus.routing.kv_index import ResidencyIndex
+from dynamo_bus.routing.kv_index import ResidencyIndex, residency_instance
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ class NoEligibleWorker(LookupError):
 
 class AllBusy(LookupError):
     """Every eligible worker is over a busy threshold."""
+
+
+class UnknownWorker(LookupError):
+    """The request names (``worker_id``) a worker that does not serve its model."""
 
 
 class RoutingPolicy:
@@ -162,7 +166,7 @@ class RoutingPolicy:
                     self._refused[w.worker_id] = reason
                 continue
             self._refused.pop(w.worker_id, None)
-            self.index.observe_instance(w.worker_id, int(w.started_at * 1e9))
+            self.index.observe_instance(w.worker_id, residency_instance(w.started_at))
             if w.worker_id not in excluded:
                 ok.append(w)
         if not ok and why:
@@ -199,7 +203,7 @@ class RoutingPolicy:
             for w in workers:
                 if w.worker_id == req.routing.worker_id:
                     return Decision(w)
-            raise LookupError(f"worker {req.routing.worker_id!r} is not serving {req.model}")
+            raise UnknownWorker(f"worker {req.routing.worker_id!r} is not serving {req.model}")
         free = [w for w in workers if not self.busy(w)]
         if not free:
             raise AllBusy(f"all {len(workers)} workers serving {req.model} are busy")

@@ -45,7 +45,14 @@ from dynamo_bus.bus.registry import Registry
 from dynamo_bus.config import Config
 from dynamo_bus.errors import NoWorker, ProtocolError
 from dynamo_bus.hashing import sequence_hashes
-from dynamo_bus.routing.policy import AllBusy, Decision, KvWeights, NoEligibleWorker, RoutingPolicy
+from dynamo_bus.routing.policy import (
+    AllBusy,
+    Decision,
+    KvWeights,
+    NoEligibleWorker,
+    RoutingPolicy,
+    UnknownWorker,
+)
 from dynamo_bus.routing.residency import ResidencyWatcher
 
 log = logging.getLogger(__name__)
@@ -115,8 +122,10 @@ class Router:
         if self._own_registry:
             await self.registry.stop()
 
-    def _on_worker_removed(self, worker_id: str) -> None:
+    def _on_worker_removed(self, worker_id: str, incarnation: str) -> None:
         self.policy.forget(worker_id)
+        if self.registry.get(worker_id) is not None:
+            return  # a new process under the same id: its queue is its own again
         if worker_id not in self._sweeps:
             task = asyncio.create_task(self._sweep(worker_id))
             self._sweeps[worker_id] = task
@@ -186,6 +195,9 @@ class Router:
             return
         except AllBusy as exc:
             await self._reject(msg, req, 503, "overloaded", f"{exc}; try again later")
+            return
+        except UnknownWorker as exc:
+            await self._reject(msg, req, 400, "invalid_value", str(exc), "worker_id")
             return
         except LookupError as exc:
             await self._reject(msg, req, 400, "invalid_value", str(exc), "routing_strategy")

@@ -129,8 +129,12 @@ async def health(request: web.Request) -> web.Response:
     connected = service.requester.bus.nc.is_connected
     serving = any(w["model"] == service.model and not w["draining"] for w in workers)
     status = "healthy" if connected and serving else "unhealthy"
+    requester = service.requester
     body = {"status": status, "nats_connected": connected, "model": service.model,
-            "workers": workers, "inflight": service.requester.inflight}
+            "workers": workers, "inflight": requester.inflight,
+            # Token streams that lost chunks in transit: sent again, or ended with a 503.
+            "streams": {"gaps_repaired": requester.gaps_repaired,
+                        "gaps_failed": requester.gaps_failed}}
     return web.json_response(body, status=200 if status == "healthy" else 503)
 
 

@@ -1,10 +1,13 @@
 """The submitting side of the bus, shared by the HTTP frontend and the NATS client.
 
 One subscription per process (``dyn.<ns>.resp.<client_id>.>``) carries the token
-streams of every request it submitted; they are demultiplexed here by request id.
+streams of every request it submitted; they are demultiplexed here by request id into
+:class:`~dynamo_bus.serving.stream.TokenStream`, which checks every chunk's position.
 A request's stream ends with a chunk carrying ``finish_reason``, or an error. It also
-ends with a 503 when the worker running it leaves the registry, so a dead worker
-never leaves a client waiting for the full timeout.
+ends with a 503 when the worker running it leaves the registry or is restarted (a new
+incarnation under its id), so a dead worker never leaves a client waiting for the full
+timeout. Chunks for a request nobody here waits for any more are answered with a cancel,
+so a worker that lost track (frozen past its TTL, or a redelivery to a new run) stops.
 """
 
 from __future__ import annotations
@@ -13,143 +16,34 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from dynamo_bus.bus.connection import Bus
 from dynamo_bus.bus.messages import (
     CANCEL,
     REQUEST,
+    RESEND,
+    RESEND_ACK,
     RESPONSE,
     Cancel,
-    Chunk,
     Error,
     Request,
-    Response,
+    Resend,
+    ResendAck,
     now_ns,
 )
+from dynamo_bus.bus.recent import RecentIds
 from dynamo_bus.bus.registry import Registry
-from dynamo_bus.errors import (
-    DynamoBusError,
-    NoWorker,
-    Overloaded,
-    PromptTooLong,
-    ProtocolError,
-    RequestTimeout,
-    from_status,
-)
+from dynamo_bus.errors import DynamoBusError, NoWorker, Overloaded, PromptTooLong, ProtocolError
+from dynamo_bus.serving.stream import TokenStream
 
 log = logging.getLogger(__name__)
-
-
-class TokenStream:
-    """The chunks of one request, in order, without duplicates."""
-
-    def __init__(self, requester: Requester, request: Request, timeout: float) -> None:
-        self.request = request
-        self.worker_id = ""
-        self.finished = False
-        self._requester = requester
-        # A deque and an event rather than an asyncio.Queue: the reader takes
-        # everything waiting at once (see ``_take``).
-        self._pending: deque[Response] = deque()
-        self._ready = asyncio.Event()
-        self._next_index = 0
-        self._deadline = asyncio.get_running_loop().time() + timeout
-        self._timer: asyncio.TimerHandle | None = None
-        self._timed_out = False
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    def _push(self, resp: Response) -> None:
-        self._pending.append(resp)
-        self._ready.set()
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[Chunk]:
-        try:
-            while not self.finished:
-                await self._wait()
-                resp = self._take()
-                if isinstance(resp, Error):
-                    self.finished = True
-                    raise from_status(resp.status, resp.message, code=resp.code,
-                                      param=resp.param)
-                if resp.worker_id:
-                    self.worker_id = resp.worker_id
-                # Drop what was already seen (a redelivered request starts over at 0).
-                skip = self._next_index - resp.index
-                if skip > 0:
-                    if skip >= len(resp.token_ids) and resp.finish_reason is None:
-                        continue
-                    resp.token_ids = resp.token_ids[skip:]
-                    if resp.logprobs is not None:
-                        resp.logprobs = resp.logprobs[skip:]
-                    if resp.top_logprobs is not None:
-                        resp.top_logprobs = resp.top_logprobs[skip:]
-                    resp.index = self._next_index
-                self._next_index = resp.index + len(resp.token_ids)
-                if resp.finish_reason is not None:
-                    self.finished = True
-                yield resp
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._requester._forget(self.request_id)
-
-    async def _wait(self) -> None:
-        """Until something is pending, or the request's deadline (one timer for the
-        whole request, armed on first use; it guards only this wait, never the
-        caller's code between chunks)."""
-        if self._pending:
-            return
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
-        while not self._pending and not self._timed_out:
-            self._ready.clear()
-            await self._ready.wait()
-        if not self._pending:
-            await self.cancel("timed out")
-            raise RequestTimeout("request timed out")
-
-    def _expire(self) -> None:
-        self._timed_out = True
-        self._ready.set()
-
-    def _take(self) -> Response:
-        """The next response, with the chunks already waiting behind it folded in: a
-        reader that falls behind gets fewer, larger chunks instead of a backlog, and
-        pays the per-chunk costs (detokenizing, JSON, a socket write) once."""
-        resp = self._pending.popleft()
-        if not isinstance(resp, Chunk) or not self._requester.fold_chunks:
-            return resp
-        while self._pending and resp.finish_reason is None:
-            nxt = self._pending[0]
-            if not isinstance(nxt, Chunk) or nxt.index != resp.index + len(resp.token_ids):
-                break
-            self._pending.popleft()
-            resp.token_ids = resp.token_ids + nxt.token_ids
-            resp.finish_reason, resp.usage = nxt.finish_reason, nxt.usage
-            resp.worker_id = resp.worker_id or nxt.worker_id
-            # Per-token lists follow their tokens (a chunk without tokens has none).
-            if nxt.logprobs is not None:
-                resp.logprobs = (resp.logprobs or []) + nxt.logprobs
-            if nxt.top_logprobs is not None:
-                resp.top_logprobs = (resp.top_logprobs or []) + nxt.top_logprobs
-        return resp
-
-    async def cancel(self, reason: str = "client disconnected") -> None:
-        """Stop the request wherever it is. Safe to call more than once."""
-        if not self.finished:
-            self.finished = True
-            await self._requester.cancel(self.request_id, reason)
 
 
 class Requester:
@@ -164,12 +58,16 @@ class Requester:
         self._streams: dict[str, TokenStream] = {}
         self._sub: Subscription | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._told_to_stop = RecentIds()  # requests already answered with a cancel
+        self.gaps_repaired = 0  # token streams whose lost chunks were sent again
+        self.gaps_failed = 0    # token streams that ended with an error for a gap
 
     async def start(self) -> None:
         names = self.bus.names
         self._sub = await self.bus.nc.subscribe(names.response_subjects(self.client_id),
                                                 cb=self._on_response)
         self.registry.on_removed.append(self._on_worker_removed)
+        self.bus.on_reconnect.append(self._on_reconnect)
 
     async def stop(self) -> None:
         for stream in list(self._streams.values()):
@@ -178,6 +76,10 @@ class Requester:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5.0)
 
     @property
     def inflight(self) -> int:
@@ -221,6 +123,7 @@ class Requester:
 
     async def cancel(self, request_id: str, reason: str) -> None:
         self._forget(request_id)
+        self._told_to_stop.add(request_id)
         with contextlib.suppress(Exception):
             await self.bus.nc.publish(self.bus.names.cancel_subject,
                                       CANCEL.encode(Cancel(request_id=request_id, reason=reason)))
@@ -237,18 +140,52 @@ class Requester:
         stream = self._streams.get(resp.request_id)
         if stream is not None:
             stream._push(resp)
+        elif not isinstance(resp, Error) and resp.request_id not in self._told_to_stop:
+            # Nobody waits for it (failed, cancelled, or finished and this is a copy):
+            # whoever still generates it should stop.
+            await self.cancel(resp.request_id, "nobody is waiting for this request")
 
-    def _on_worker_removed(self, worker_id: str) -> None:
+    async def ask_resend(self, request_id: str, from_index: int) -> ResendAck | None:
+        """Ask the worker that ran ``request_id`` to send its chunks from ``from_index``
+        on again; its answer, or None when no worker holds them (or none answered)."""
+        try:
+            reply = await self.bus.nc.request(
+                self.bus.names.resend_subject,
+                RESEND.encode(Resend(request_id=request_id, from_index=from_index)),
+                timeout=1.0)
+            return RESEND_ACK.decode(reply.data)
+        except (NoRespondersError, NatsTimeout, TimeoutError, ProtocolError):
+            return None
+        except Exception as exc:  # the connection is down again: ask later
+            log.debug("resend of %s not asked: %r", request_id, exc)
+            return None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task this requester owns (and cancels on stop)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _on_reconnect(self) -> None:
+        # Chunks sent while our subscription was not on the server are gone; a stream
+        # whose end went with them sees no gap, so every stream asks.
+        for stream in list(self._streams.values()):
+            stream.repair(gap=False)
+
+    def _on_worker_removed(self, worker_id: str, incarnation: str) -> None:
         lost = [s for s in self._streams.values()
-                if s.worker_id == worker_id and not s.finished]
+                if s.worker_id == worker_id and not s.finished
+                and (not incarnation or not s.incarnation or s.incarnation == incarnation)]
+        why = (f"worker {worker_id} was restarted (a new process took its id) while "
+               "generating; the answer it had begun is lost"
+               if self.registry.get(worker_id) is not None
+               else f"worker {worker_id} stopped while generating")
         for stream in lost:
-            stream._push(Error(request_id=stream.request_id, status=503,
-                               message=f"worker {worker_id} stopped while generating",
+            stream._push(Error(request_id=stream.request_id, status=503, message=why,
                                code="worker_lost"))
         if lost:  # and no one re-runs them when their messages come back
-            task = asyncio.ensure_future(self._cancel_all([s.request_id for s in lost]))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.spawn(self._cancel_all([s.request_id for s in lost]))
 
     async def _cancel_all(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -37,7 +37,8 @@ from dynamo_bus.serving.openai_api import (
     logprobs_body,
     usage_chunk_body,
 )
-from dynamo_bus.serving.requester import Requester, TokenStream, new_request_id
+from dynamo_bus.serving.requester import Requester, new_request_id
+from dynamo_bus.serving.stream import TokenStream
 
 
 class StopMatcher:
@@ -204,7 +205,7 @@ class CompletionService:
     async def events(self, p: ParsedRequest, stream: TokenStream) -> AsyncIterator[Event]:
         """One ``Event`` per chunk that adds text, and a last one with the finish reason;
         cancels the request on exit unless it finished (client gone, stop string, error)."""
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt=stream.request.token_ids)
         track = LogprobTracker(detok) if p.sampling.logprobs is not None else None
         stops = StopMatcher(p.stop)
         eos = set(p.sampling.stop_token_ids)

@@ -8,6 +8,14 @@ sends them elsewhere → close.
 
 Every handler is idempotent under redelivery: a request already running is left to
 its run, one already finished is acked and dropped.
+
+Each run of the process has an ``incarnation`` (in its registration and on each
+request's first chunk): a restart under the same id is a new incarnation, which tells
+frontends and routers that what the old one ran is gone. What was sent on each token
+stream is kept a while (:class:`~dynamo_bus.worker.sent.SentLog`) and sent again when a
+requester asks (``Resend``). A worker that finds its registration lapsed (it was frozen,
+or cut off, past its TTL) ends what it was running: the requesters have failed those
+requests already.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 
 import msgspec
 from nats.aio.msg import Msg
@@ -30,19 +39,24 @@ from dynamo_bus.bus.messages import (
     LOAD,
     REGISTRATION,
     REQUEST,
+    RESEND,
+    RESEND_ACK,
     RESPONSE,
     Chunk,
     Error,
     Load,
     Registration,
     Request,
+    ResendAck,
     Usage,
 )
 from dynamo_bus.bus.recent import RecentIds
 from dynamo_bus.config import Config
 from dynamo_bus.engines.base import Engine, EngineRequest
 from dynamo_bus.errors import DynamoBusError, ProtocolError
+from dynamo_bus.routing.kv_index import residency_instance
 from dynamo_bus.routing.residency import ResidencyPublisher
+from dynamo_bus.worker.sent import SentLog
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +84,12 @@ class Worker:
         self._draining = False
         self._closed = False
         self._started_at = time.time()
+        self.incarnation = uuid.uuid4().hex[:16]
+        self._sent = SentLog()
         # Token ids, hence block hashes, depend on the tokenizer: part of the fingerprint.
         self.fingerprint = msgspec.structs.replace(engine.fingerprint, tokenizer=tokenizer)
         self.residency = (ResidencyPublisher(bus, engine, worker_id,
-                                             instance=int(self._started_at * 1e9))
+                                             instance=residency_instance(self._started_at))
                           if bus.residency_kv is not None else None)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -90,6 +106,7 @@ class Worker:
         names = self.bus.names
         await self._ensure_consumer()
         self._cancel_sub = await self.bus.nc.subscribe(names.cancel_subject, cb=self._on_cancel)
+        self._resend_sub = await self.bus.nc.subscribe(names.resend_subject, cb=self._on_resend)
         if self.residency is not None:
             await self.residency.start()
         await self._register()
@@ -107,7 +124,7 @@ class Worker:
             work_subject=self.work_subject, capacity=self.cfg.max_concurrency,
             engine=self.engine.name, pid=os.getpid(), started_at=self._started_at,
             heartbeat_at=time.time(), context_length=self.engine.context_length,
-            draining=self._draining)
+            draining=self._draining, incarnation=self.incarnation)
 
     async def _register(self) -> None:
         await self.bus.workers_kv.put(self.worker_id, REGISTRATION.encode(self.registration()))
@@ -133,8 +150,9 @@ class Worker:
         await self._stop_background()
         if self.residency is not None:
             await self.residency.stop()
-        with contextlib.suppress(Exception):
-            await self._cancel_sub.unsubscribe()
+        for sub in (self._cancel_sub, self._resend_sub):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.bus.workers_kv.delete(self.worker_id)
             await self.bus.load_kv.delete(self.worker_id)
@@ -156,6 +174,8 @@ class Worker:
         last_ok = loop.time()
         while not self._closed:
             await asyncio.sleep(self.cfg.heartbeat_interval)
+            if loop.time() - last_ok > self.cfg.worker_ttl:
+                await self._lapsed(loop.time() - last_ok)
             try:
                 # Bounded: a put sent as the server went away is never answered, and
                 # waiting out the default timeout would outlive our registration's TTL.
@@ -171,6 +191,19 @@ class Worker:
                     await self.residency.resync()
                 last_ok = loop.time()
             self._load_dirty.set()
+
+    async def _lapsed(self, silent_s: float) -> None:
+        """Our registration expired while we were silent (frozen, or cut off from the
+        server): frontends have failed what we were running and routers may have sent
+        our queue elsewhere. Stop generating answers nobody will take."""
+        failed = [rid for rid in self._running if rid not in self._cancelled]
+        if not failed:
+            return
+        log.warning("worker %s was silent for %.1f s, past its TTL; ending %d requests the "
+                    "frontends already failed", self.worker_id, silent_s, len(failed))
+        for rid in failed:
+            await self._fail(rid, f"worker {self.worker_id} was unreachable for {silent_s:.0f} "
+                             "s, past its TTL", 503, "worker_lost")
 
     async def _publish_load(self) -> None:
         while not self._closed:
@@ -205,6 +238,24 @@ class Worker:
             log.debug("cancel %s: %s", cancel.request_id, cancel.reason)
             await self.engine.abort(cancel.request_id)
 
+    async def _on_resend(self, msg: Msg) -> None:
+        """A requester lost chunks in transit: send them again, then answer. Workers
+        that do not hold the request stay silent."""
+        try:
+            ask = RESEND.decode(msg.data)
+        except ProtocolError:
+            return
+        found = self._sent.since(ask.request_id, ask.from_index)
+        if found is None:
+            return
+        reply_to, chunks, finished = found
+        with contextlib.suppress(Exception):
+            for data in chunks:
+                await self.bus.nc.publish(reply_to, data)
+            await msg.respond(RESEND_ACK.encode(ResendAck(
+                request_id=ask.request_id, worker_id=self.worker_id,
+                incarnation=self.incarnation, chunks=len(chunks), finished=finished)))
+
     # -- requests ----------------------------------------------------------------
     async def _handle(self, msg: Msg) -> None:
         req = await decode_request(msg)
@@ -217,26 +268,28 @@ class Worker:
             await msg.ack()
             return
         self._running[rid] = msg
+        self._sent.open(rid, req.reply_to)
         self._load_dirty.set()
         try:
             await self._generate(req)
         finally:
             del self._running[rid]
+            self._sent.close(rid)
             self._done.add(rid)
             self._load_dirty.set()
             with contextlib.suppress(Exception):
                 await msg.ack()
 
     async def _generate(self, req: Request) -> None:
-        nc, rid, index, cached = self.bus.nc, req.request_id, 0, 0
+        rid, index, cached = req.request_id, 0, 0
         ereq = EngineRequest(request_id=rid, token_ids=req.token_ids, sampling=req.sampling)
         gen = self.engine.generate(ereq)
         held: list[int] = []  # tokens not sent yet (a non-streaming request)
         held_lp: list[float] = []  # and their logprobs, when the request asked for them
         held_top: list[list[tuple[int, float]]] = []
-        if not req.stream:  # tell the requester who runs it, so it notices our death
-            await nc.publish(req.reply_to, RESPONSE.encode(
-                Chunk(request_id=rid, index=0, token_ids=[], worker_id=self.worker_id)))
+        # Tell the requester who runs it (and which run of us), so it notices our death.
+        await self._send(req, Chunk(request_id=rid, index=0, token_ids=[],
+                                    worker_id=self.worker_id, incarnation=self.incarnation))
         try:
             async for out in gen:
                 if index == 0 and not held:
@@ -255,12 +308,12 @@ class Worker:
                               finish_reason=out.finish_reason, logprobs=logprobs,
                               top_logprobs=top)
                 if index == 0:
-                    chunk.worker_id = self.worker_id
+                    chunk.worker_id, chunk.incarnation = self.worker_id, self.incarnation
                 index += len(token_ids)
                 if out.finish_reason is not None:
                     chunk.usage = Usage(prompt_tokens=len(req.token_ids),
                                         completion_tokens=index, cached_tokens=cached)
-                await nc.publish(req.reply_to, RESPONSE.encode(chunk))
+                await self._send(req, chunk)
         except DynamoBusError as exc:
             await self._send_error(req.reply_to, rid, exc.message, exc.status, exc.code)
         except Exception as exc:
@@ -269,13 +322,22 @@ class Worker:
         finally:
             await gen.aclose()
 
+    async def _send(self, req: Request, chunk: Chunk) -> None:
+        data = RESPONSE.encode(chunk)
+        self._sent.add(req.request_id, chunk.index, len(chunk.token_ids), data)
+        # Kept in the log even when the publish fails: a requester asks for it again.
+        with contextlib.suppress(Exception):
+            await self.bus.nc.publish(req.reply_to, data)
+
     async def _send_error(self, reply_to: str, rid: str, message: str, status: int,
                           code: str = "internal_error") -> None:
-        err = Error(request_id=rid, status=status, message=message, code=code)
+        data = RESPONSE.encode(Error(request_id=rid, status=status, message=message, code=code))
+        self._sent.add(rid, 0, -1, data)
         with contextlib.suppress(Exception):
-            await self.bus.nc.publish(reply_to, RESPONSE.encode(err))
+            await self.bus.nc.publish(reply_to, data)
 
-    async def _fail(self, rid: str, message: str, status: int) -> None:
+    async def _fail(self, rid: str, message: str, status: int,
+                    code: str = "worker_shutdown") -> None:
         msg = self._running.get(rid)
         if msg is None:
             return
@@ -283,7 +345,7 @@ class Worker:
             req = REQUEST.decode(msg.data)
             self._cancelled.add(rid)
             await self.engine.abort(rid)
-            await self._send_error(req.reply_to, rid, message, status, "worker_shutdown")
+            await self._send_error(req.reply_to, rid, message, status, code)
 
     async def _hand_back(self, msg: Msg) -> None:
         """A request that reached us while draining: give it back to the routers."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -96,3 +97,47 @@ async def test_logprobs_come_from_the_model(served: str) -> None:
             assert entry.logprob <= 0
         assert "".join(e.token for e in content) == out.choices[0].message.content
 
+
+
+MOON = [{"role": "user", "content": "用中文写一首关于月亮的短诗。"}]
+
+
+async def test_an_answer_cut_inside_a_character_ends_before_it(served: str) -> None:
+    # max_tokens often ends inside a CJK character's bytes: the text ends before that
+    # character (as vLLM's does), streamed and whole alike, never in U+FFFD.
+    texts = []
+    async with openai.AsyncOpenAI(base_url=served, api_key="none") as client:
+        for max_tokens in range(1, 11):
+            full = await client.chat.completions.create(model=MODEL, messages=MOON,
+                                                        max_tokens=max_tokens, temperature=0)
+            text = full.choices[0].message.content or ""
+            stream = await client.chat.completions.create(model=MODEL, messages=MOON,
+                                                          max_tokens=max_tokens, temperature=0,
+                                                          stream=True)
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            assert "\ufffd" not in text and "".join(parts) == text, (max_tokens, text)
+            assert full.usage.completion_tokens == max_tokens
+            texts.append(text)
+    # Each answer is the start of the next; a token that added no text ended inside a
+    # character (it must have happened, or nothing was tested).
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    assert any(a == b for a, b in itertools.pairwise(texts)), texts
+
+
+async def test_a_prompt_of_token_ids_ending_inside_a_character(served: str) -> None:
+    import tokenizers
+
+    from dynamo_bus.models import resolve_model
+
+    backend = tokenizers.Tokenizer.from_file(str(resolve_model(None).path / "tokenizer.json"))
+    ids = backend.encode("我爱北京天安门").ids
+    k = next(k for k in range(len(ids) - 1, 0, -1)
+             if backend.decode(ids[:k]).endswith("\ufffd"))
+    async with openai.AsyncOpenAI(base_url=served, api_key="none") as client:
+        out = await client.completions.create(model=MODEL, prompt=ids[:k], max_tokens=6,
+                                              temperature=0)
+    # The first output token completes the character the prompt began: the answer
+    # starts with that character ("门"), not with U+FFFD.
+    text = out.choices[0].text
+    assert "\ufffd" not in text and text, text
+    assert backend.decode(ids[:k]).rstrip("\ufffd") + text[:1] == "我爱北京天安门"

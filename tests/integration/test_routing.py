@@ -75,7 +75,7 @@ async def test_direct_to_an_unknown_worker_is_a_400(stack) -> None:
             s.base_url + "/completions",
             json={"model": MODEL, "prompt": "x", "worker_id": "nobody"}) as resp:
         err = (await resp.json())["error"]
-    assert resp.status == 400 and err["param"] == "routing_strategy"
+    assert resp.status == 400 and err["param"] == "worker_id"
     assert "nobody" in err["message"]
 
 
