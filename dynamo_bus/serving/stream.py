@@ -75,7 +75,7 @@ class TokenStream:
         if resp.incarnation and resp.incarnation != self.incarnation:
             if self._received > 0 or self._ahead:
                 self._close(Error(
-                    request_id=self.request_id, status=503, code="worker_restarted",
+                    request_id=self.request_id, status=503, code="worker_lost",
                     message=f"worker {resp.worker_id or self.worker_id} restarted while "
                             "generating this request; the answer it had begun is lost"))
                 return

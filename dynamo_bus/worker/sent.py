@@ -7,31 +7,35 @@ gap, or whose connection came back, asks for the chunks from a position on
 already has. The log holds a request's encoded chunks (and its final error) while it
 runs and for ``keep_s`` after it ends, the finished ones bounded by ``max_bytes``: a
 1,000-token stream is ~100 KB.
+
+A request's chunks sit in one ``bytearray`` with their positions in an ``array``: no
+Python object per chunk, so thousands of kept streams add nothing for the garbage
+collector to walk.
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+_FINAL = 1 << 62  # the end position of a request's error: always sent again
 
 
 @dataclass
 class _Sent:
     reply_to: str
-    # (first position, end position, encoded message); an error ends at ``_FINAL``
-    chunks: list[tuple[int, int, bytes]] = field(default_factory=list)
-    size: int = 0
+    data: bytearray = field(default_factory=bytearray)
+    # Per chunk: first output position, end position, end offset in ``data``.
+    bounds: array[int] = field(default_factory=lambda: array("q"))
     finished_at: float = 0.0
-
-
-_FINAL = 1 << 62  # the end position of a request's error: always sent again
 
 
 class SentLog:
     """Encoded chunks per request id, for ``Resend``."""
 
-    def __init__(self, *, keep_s: float = 60.0, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, *, keep_s: float = 30.0, max_bytes: int = 64 << 20) -> None:
         self.keep_s = keep_s
         self.max_bytes = max_bytes
         self._running: dict[str, _Sent] = {}
@@ -46,9 +50,9 @@ class SentLog:
         ``n_tokens`` < 0)."""
         sent = self._running.get(request_id)
         if sent is not None:
-            end = _FINAL if n_tokens < 0 else index + n_tokens
-            sent.chunks.append((index, end, data))
-            sent.size += len(data)
+            sent.data += data
+            sent.bounds.extend((index, _FINAL if n_tokens < 0 else index + n_tokens,
+                                len(sent.data)))
 
     def close(self, request_id: str) -> None:
         """The request ended here; keep its chunks ``keep_s`` more."""
@@ -57,7 +61,7 @@ class SentLog:
             return
         sent.finished_at = time.monotonic()
         self._finished[request_id] = sent
-        self._finished_bytes += sent.size
+        self._finished_bytes += len(sent.data)
         self._evict()
 
     def _evict(self) -> None:
@@ -67,7 +71,7 @@ class SentLog:
             if oldest.finished_at > cutoff and self._finished_bytes <= self.max_bytes:
                 return
             del self._finished[rid]
-            self._finished_bytes -= oldest.size
+            self._finished_bytes -= len(oldest.data)
 
     def since(self, request_id: str, from_index: int) -> tuple[str, list[bytes], bool] | None:
         """(reply subject, the chunks reaching past ``from_index`` in the order they were
@@ -79,6 +83,10 @@ class SentLog:
             sent = self._finished.get(request_id)
             if sent is None:
                 return None
-        chunks = [data for index, end, data in sent.chunks
-                  if end > from_index or index >= from_index]
+        chunks, offset, b = [], 0, sent.bounds
+        for i in range(0, len(b), 3):
+            index, end, stop = b[i], b[i + 1], b[i + 2]
+            if end > from_index or index >= from_index:
+                chunks.append(bytes(sent.data[offset:stop]))
+            offset = stop
         return sent.reply_to, chunks, finished
