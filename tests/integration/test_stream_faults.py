@@ -56,11 +56,13 @@ async def test_a_worker_restarted_under_its_id_fails_its_streams_at_once(
     outs, gaps = await run_fault("worker_restart", 2, s, str(model_dir.path), tmp_path)
     verdicts = _report("worker_restart", "mock", outs, gaps)
     assert verdicts["wrong"] == 0
-    # Half the streams ran on the killed process: they end with an error, and long
-    # before the work queue would have sent them again (its ack wait is 30 s).
+    # Half the streams ran on the killed process: they end with an error as soon as the
+    # new process registers, long before the work queue would send them again (its ack
+    # wait is 30 s). A slow reader meets the error after the text it has not read yet.
     errors = [o for o in outs if o.verdict == "error"]
-    assert errors and all(o.error_after_s is not None and o.error_after_s < 15 for o in errors)
-    assert all("restarted" in (o.error or "") or "stopped" in (o.error or "") for o in errors)
+    assert errors and all("restarted" in (o.error or "") for o in errors)
+    assert all(o.error_after_s is not None and o.error_after_s < 15
+               for o in errors if not o.slow)
     # The other half waited in its queue: the new process serves them, whole.
     assert verdicts["intact"] >= 2 * (s.streams // 2)
 
