@@ -1,7 +1,7 @@
 """A response is whole or it fails: token streams across nats-server restarts, a worker
-restarted under its own id, a worker killed, a worker frozen past its TTL. Every role runs
-in its own process on 127.0.0.1 (the deployment of ``bench/faults.py``, with fewer trials);
-each stream is compared with an undisturbed run of the same prompt."""
+restarted under its own id, a worker frozen past its TTL (every role in its own process
+on 127.0.0.1: the deployment of ``bench/faults.py``, with fewer trials; each stream is
+compared with an undisturbed run of the same prompt), and a gap nobody can fill."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from bench.faults import Outcome, Settings, run_fault
+from dynamo_bus.bus.connection import open_bus
+from dynamo_bus.bus.messages import RESPONSE, Chunk, Request, SamplingOptions
+from dynamo_bus.bus.registry import Registry
+from dynamo_bus.errors import DynamoBusError
 from dynamo_bus.models import ModelDir
+from dynamo_bus.serving import stream as stream_module
+from dynamo_bus.serving.requester import Requester, new_request_id
+
+MODEL = "SmolLM2-135M-Instruct"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -78,3 +86,36 @@ async def test_a_frozen_worker_stops_what_its_frontends_failed(model_dir: ModelD
     assert verdicts["error"] > 0  # the frozen worker's streams
     log = (tmp_path / "w1.log").read_text()
     assert "past its TTL; ending" in log
+
+
+async def test_a_gap_nobody_can_fill_ends_the_stream_with_a_503(stack, monkeypatch) -> None:
+    """The floor: a chunk far past what the worker ever sent opens a gap that no resend
+    can fill; the stream ends with an error naming the cause, not a short answer."""
+    monkeypatch.setattr(stream_module, "REPAIR_WINDOW", 2.0)
+    s = await stack(workers=1, frontend=False, mock_speedup=0.05)
+    bus = await open_bus(s.cfg, s.nats_url, name="gap-test")
+    registry = Registry(bus, ttl=s.cfg.worker_ttl)
+    await registry.start()
+    requester = Requester(bus, registry)
+    await requester.start()
+    try:
+        assert await registry.wait_for_worker(MODEL, timeout=10)
+        stream = await requester.submit(Request(
+            request_id=new_request_id(), model=MODEL, token_ids=[5] * 20, reply_to="",
+            sampling=SamplingOptions(max_tokens=400)))
+        got = 0
+        with pytest.raises(DynamoBusError) as failed:
+            async for chunk in stream:
+                got += len(chunk.token_ids)
+                if got and got < 1000:
+                    # What a lost stretch looks like to the requester: tokens from far on.
+                    await bus.nc.publish(stream.request.reply_to, RESPONSE.encode(
+                        Chunk(request_id=stream.request_id, index=100_000, token_ids=[7])))
+                    got = 1000
+        assert (failed.value.status, failed.value.code) == (503, "stream_gap")
+        assert "lost in transit" in failed.value.message
+        assert (requester.gaps_failed, requester.gaps_repaired) == (1, 0)
+    finally:
+        await requester.stop()
+        await registry.stop()
+        await bus.close()
