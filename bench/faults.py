@@ -299,13 +299,13 @@ def _row(fault: str, outs: list[Outcome], trials: int, s: Settings, gaps: dict[s
     # error is taken over the streams read at full speed.
     times = sorted(o.error_after_s for o in outs if o.verdict == "error" and not o.slow
                    and o.error_after_s is not None)
-    q = (lambda p: round(times[min(len(times) - 1, int(p * len(times)))], 2)) if times else None
     return {"fault": fault, "engine": s.engine, "trials": trials, "streams": len(outs),
             "intact": sum(o.verdict == "intact" for o in outs),
             "error": sum(o.verdict == "error" for o in outs),
             "wrong": sum(o.verdict == "wrong" for o in outs),
             "error_p50_s": round(statistics.median(times), 2) if times else None,
-            "error_p99_s": q(0.99) if q else None,
+            "error_p99_s": (round(times[min(len(times) - 1, int(0.99 * len(times)))], 2)
+                            if times else None),
             "gaps_repaired": gaps.get("gaps_repaired"), "gaps_failed": gaps.get("gaps_failed"),
             "errors": sorted({(o.error or "")[:90] for o in outs if o.error})}
 

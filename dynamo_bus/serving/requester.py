@@ -196,4 +196,4 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-__all__ = ["DynamoBusError", "Requester", "TokenStream", "new_request_id"]
+__all__ = ["DynamoBusError", "Requester", "new_request_id"]
