@@ -8,11 +8,13 @@ part of a chain): our ``ResidencyIndex`` against NVIDIA Dynamo 1.6.1's Rust radi
 (blocks/s), prefix-match latency, and our whole kv_aware decision (candidates, overlap,
 cost, tie-break) with and without hashing the 4,096-token prompt.
 
-Part 2, over a real nats-server on 127.0.0.1: a worker's ``ResidencyPublisher`` puts
-blocks into the residency bucket while a router's ``ResidencyWatcher`` follows it; a
-second watcher then rebuilds the index from the bucket (what a restarted router does).
-Baseline: the same number of messages through raw nats-py core pub/sub. Lag: single
-writes at a steady rate, publish to visible in the index.
+Part 2, over a real nats-server on 127.0.0.1: a worker's ``ResidencyPublisher`` publishes
+blocks (event batches) while a router's ``ResidencyWatcher`` follows them; new watchers
+then rebuild the index (what a restarted router does), once before the worker's first
+snapshot (from the batches alone) and once after it. The build at ``--before`` (one KV
+message per block) runs the same measurement in a child, side by side. Baseline: the
+same number of messages through raw nats-py core pub/sub. Lag: single changes at a
+steady rate, from the engine's report to visible in the index.
 
     python bench/router_index.py            # writes bench/results/router_index.md/.json
 """
@@ -45,7 +47,8 @@ from dynamo_bus.config import Config  # noqa: E402
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes  # noqa: E402
 from dynamo_bus.routing.kv_index import ResidencyIndex  # noqa: E402
 from dynamo_bus.routing.policy import RoutingPolicy  # noqa: E402
-from dynamo_bus.routing.residency import ResidencyPublisher, ResidencyWatcher  # noqa: E402
+from dynamo_bus.routing.residency import ResidencyPublisher  # noqa: E402
+from dynamo_bus.routing.residency_watch import ResidencyWatcher  # noqa: E402
 from dynamo_bus.traces.report import percentile  # noqa: E402
 
 DYNAMO_PY = ROOT / ".peers" / "dynamo" / "bin" / "python"
@@ -139,9 +142,6 @@ class FakeResidencySource:
         out, self.pending = self.pending, {}
         return out
 
-    def residency_snapshot(self) -> dict[int, str]:
-        return {}
-
 
 async def over_nats(total: int, url: str) -> dict[str, Any]:
     cfg = Config(nats_url=url, namespace=f"b{total}")
@@ -149,6 +149,7 @@ async def over_nats(total: int, url: str) -> dict[str, Any]:
     router_bus = await open_bus(cfg, url, name="bench-router")
     source = FakeResidencySource()
     pub = ResidencyPublisher(bus, source, "w0", instance=1)
+    pub._stopping = True  # ticks are driven below, not by its own loop
     await pub.start()
     watcher = ResidencyWatcher(router_bus)
     await watcher.start()
@@ -159,27 +160,42 @@ async def over_nats(total: int, url: str) -> dict[str, Any]:
     for i in range(0, len(hashes), 10_000):  # the engine hands out changes in batches
         source.pending = dict.fromkeys(hashes[i:i + 10_000], "device")
         await pub.publish_changes()
-    assert await pub.flush(timeout=600), "the server did not store every put"
     published = time.perf_counter() - t
     while watcher.index.blocks_of("w0") < total:  # noqa: ASYNC110 (polls another task's work)
         await asyncio.sleep(0.01)
     followed = time.perf_counter() - t
-    # a restarted router: rebuild from the bucket
-    fresh_bus = await open_bus(cfg, url, name="bench-router-2")
-    fresh = ResidencyWatcher(fresh_bus)
+    buses = [bus, router_bus]
+    watchers = [watcher]
+
+    async def rebuild() -> float:
+        """A restarted router: snapshots, then the batches after them."""
+        fresh_bus = await open_bus(cfg, url, name="bench-router-2")
+        fresh = ResidencyWatcher(fresh_bus)
+        t = time.perf_counter()
+        await fresh.start(wait=600)
+        took = time.perf_counter() - t
+        assert fresh.index.blocks_of("w0") == total
+        buses.append(fresh_bus)
+        watchers.append(fresh)
+        return took
+
+    from_batches = await rebuild()  # the worker's snapshot is still the empty one
     t = time.perf_counter()
-    await fresh.start(wait=600)
-    rebuilt = time.perf_counter() - t
-    assert fresh.index.blocks_of("w0") == total
-    # lag: one write at a time, 200 a second, publish to visible
+    await pub.write_snapshot()
+    snapshot_s = time.perf_counter() - t
+    rebuilt = await rebuild()
+    # lag: one change at a time, 200 a second, from the engine's report to the index
     seen: dict[int, float] = {}
-    apply = watcher.index.apply
+    apply_batch = watcher.index.apply_batch
 
-    def timed(worker_id: str, block_hash: int, tier: str | None, instance: int = 0) -> None:
-        seen.setdefault(block_hash, time.perf_counter())
-        apply(worker_id, block_hash, tier, instance)
+    def timed(worker_id: str, instance: int, stored: Any, ranks: Any, removed: Any) -> bool:
+        now = time.perf_counter()
+        stored = list(stored)
+        for h in stored:
+            seen.setdefault(h, now)
+        return apply_batch(worker_id, instance, stored, ranks, removed)
 
-    watcher.index.apply = timed  # type: ignore[method-assign]
+    watcher.index.apply_batch = timed  # type: ignore[method-assign]
     sent: dict[int, float] = {}
     for i in range(1000):
         h = 2**62 + i
@@ -190,15 +206,49 @@ async def over_nats(total: int, url: str) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     lags = [int((seen[h] - sent[h]) * 1e9) for h in sent if h in seen]
     await pub.stop()
-    for b in (bus, router_bus, fresh_bus):
+    for w in watchers:
+        await w.stop()
+    for b in buses:
         await b.close()
-    await watcher.stop()
-    await fresh.stop()
     return {"publish_s": published, "publish_blocks_per_s": total / published,
             "follow_s": followed, "follow_blocks_per_s": total / followed,
+            "rebuild_from_batches_s": from_batches, "snapshot_write_s": snapshot_s,
+            "snapshot_bytes": pub.snapshot_bytes,
             "rebuild_s": rebuilt, "rebuild_blocks_per_s": total / rebuilt,
-            "resent": pub.resent,
-            "lag_us": stats_us(lags), "lag_samples": len(lags)}
+            "batches": pub.batches, "lag_us": stats_us(lags), "lag_samples": len(lags)}
+
+
+BEFORE_CHILD = """
+import asyncio, json, sys, tempfile
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
+import router_index as r
+from dynamo_bus.bus.natsserver import EmbeddedNats
+with tempfile.TemporaryDirectory() as tmp:
+    server = EmbeddedNats(Path(tmp) / "js")
+    url = server.start()
+    try:
+        print(json.dumps(asyncio.run(r.over_nats(int(sys.argv[2]), url))))
+    finally:
+        server.stop()
+"""
+
+
+def before_nats(total: int, ref: str) -> dict[str, Any]:
+    """The same over-NATS measurement with the build at ``ref`` (one KV message per
+    block), in a child with that build's code."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
+                       check=True, capture_output=True)
+        try:
+            out = subprocess.run([sys.executable, "-c", BEFORE_CHILD, str(tree), str(total)],
+                                 capture_output=True, text=True, timeout=1800, check=True,
+                                 env={**os.environ, "PYTHONPATH": str(tree)})
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                           check=False)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 async def raw_nats(total: int, url: str) -> dict[str, Any]:
@@ -231,7 +281,8 @@ async def raw_nats(total: int, url: str) -> dict[str, Any]:
 
 def render(results: dict[str, Any]) -> str:
     lines = ["# Router index: decision latency, update rate, lag", "",
-             f"Command: `python bench/router_index.py` · {date.today()} · "
+             f"Command: `python bench/router_index.py` · {date.today()} · commit "
+             f"{results.get('commit', '?')} · "
              f"{platform.machine()}, {os.cpu_count()} cores (shared, noisy) · "
              "single runs; medians of 2,000 queries.", "",
              "## In process: our index vs Dynamo 1.6.1's radix tree", "",
@@ -258,34 +309,58 @@ def render(results: dict[str, Any]) -> str:
                 f" {d['build']['blocks_per_s']:,.0f} | {m['p50']:.0f} | {m['p99']:.0f} |"
                 f" — | — | — | {d['remove_worker']['seconds']:.2f} |"
                 f" {d['rss_mib']['peak']:,.0f} |")
-    lines += ["", "## Over NATS: the residency bucket", "",
-              "| blocks | publish blocks/s (worker) | followed by a router, blocks/s | "
-              "rebuilt by a new router, blocks/s (s) | raw core NATS msgs/s (baseline) |",
-              "|---|---|---|---|---|"]
+    before = results.get("before_ref", "before")
+    lines += ["", "## Over NATS: residency from a worker to routers", "",
+              f"A worker publishes the blocks (10,000 changes per tick); a router follows; "
+              f"new routers rebuild the index. Before: the build at {before} (one JetStream "
+              "KV message per block; a new router reads the bucket). After: one event batch "
+              "per tick on the residency stream plus a snapshot per worker (a new router "
+              "loads the snapshot, then the batches after it). Same run, same nats-server "
+              "binary.", "",
+              "| blocks | build | publish blocks/s (worker) | followed by a router, blocks/s "
+              "| rebuilt by a new router, s (blocks/s) | raw core NATS msgs/s (baseline) |",
+              "|---|---|---|---|---|---|"]
     for total, r in results["sizes"].items():
-        n, raw = r["nats"], r["raw_nats"]
-        lines.append(f"| {int(total):,} | {n['publish_blocks_per_s']:,.0f} | "
-                     f"{n['follow_blocks_per_s']:,.0f} | {n['rebuild_blocks_per_s']:,.0f} "
-                     f"({n['rebuild_s']:.1f}) | {raw['msgs_per_s']:,.0f} |")
-    lag = next(iter(results["sizes"].values()))["nats"]["lag_us"]
-    lines += ["", f"Lag from a residency write to the router's index (1,000 single writes at "
-              f"200/s, with the index holding the blocks above): p50 {lag['p50']:,.0f} µs, "
-              f"p99 {lag['p99']:,.0f} µs. A worker batches its writes every 20 ms, which "
-              "adds up to 20 ms from the engine's change to the write.", ""]
+        raw = r["raw_nats"]
+        for label, n in (("before", r.get("nats_before")), ("after", r["nats"])):
+            if not n:
+                continue
+            rebuilt = f"{n['rebuild_s']:.2f} ({n['rebuild_blocks_per_s']:,.0f})"
+            if "rebuild_from_batches_s" in n:
+                rebuilt += (f"; from batches alone, before the worker's first snapshot: "
+                            f"{n['rebuild_from_batches_s']:.2f}")
+            lines.append(f"| {int(total):,} | {label} | {n['publish_blocks_per_s']:,.0f} | "
+                         f"{n['follow_blocks_per_s']:,.0f} | {rebuilt} | "
+                         f"{raw['msgs_per_s']:,.0f} |")
+    lines += ["", "Lag from the engine's change to the router's index (1,000 single changes "
+              "at 200/s, each published at once, with the index holding the blocks above), "
+              "p50 / p99 µs:", ""]
+    for total, r in results["sizes"].items():
+        for label, n in (("before", r.get("nats_before")), ("after", r["nats"])):
+            if n:
+                lines.append(f"- {int(total):,} blocks, {label}: {n['lag_us']['p50']:,.0f} / "
+                             f"{n['lag_us']['p99']:,.0f}")
+    lines += ["", "A worker publishes what changed every 20 ms, which adds up to 20 ms from "
+              "the engine's change to the publish.", ""]
     return "\n".join(lines)
 
 
-async def amain(sizes: list[int]) -> dict[str, Any]:
-    results: dict[str, Any] = {"sizes": {}}
+async def amain(sizes: list[int], before: str) -> dict[str, Any]:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],  # noqa: ASYNC221
+                            capture_output=True, text=True).stdout.strip()
+    results: dict[str, Any] = {"sizes": {}, "before_ref": before, "commit": commit}
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedNats(Path(tmp) / "js")
         url = server.start()
         try:
             for total in sizes:
-                r = results["sizes"][str(total)] = {}
+                r: dict[str, Any] = {}
+                results["sizes"][str(total)] = r
                 r["ours"] = in_process(total)
                 r["dynamo"] = dynamo_peer(total)
                 r["nats"] = await over_nats(total, url)
+                if before:
+                    r["nats_before"] = before_nats(total, before)
                 r["raw_nats"] = await raw_nats(total, url)
                 print(total, json.dumps(r), flush=True)
         finally:
@@ -296,13 +371,15 @@ async def amain(sizes: list[int]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--before", default="dfd89f6",
+                    help="build to measure side by side over NATS ('' for none)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "router_index")
     ap.add_argument("--report-only", action="store_true", help="re-render the .md from .json")
     args = ap.parse_args()
     if args.report_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
     else:
-        results = asyncio.run(amain([int(s) for s in args.sizes.split(",")]))
+        results = asyncio.run(amain([int(s) for s in args.sizes.split(",")], args.before))
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     text = render(results)
     args.out.with_suffix(".md").write_text(text)

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from dynamo_bus.bus.messages import REQUEST, Request
 from dynamo_bus.bus.subjects import Names
@@ -40,7 +41,7 @@ class Bus:
     names: Names
     workers_kv: KeyValue
     load_kv: KeyValue
-    residency_kv: KeyValue | None = None  # None for clients that only submit
+    residency: ObjectStore | None = None  # snapshots; None for clients that only submit
     # Called after the connection comes back: pull requests do not survive a
     # reconnect, so each PullConsumer registers here to pull again.
     on_reconnect: list[Callable[[], None]] = field(default_factory=list)
@@ -119,24 +120,27 @@ async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyVa
     return kv
 
 
-RESIDENCY_MARKER_TTL = 60.0  # how long a watcher that fell behind can still see a delete
+# Residency batches are kept until a newer snapshot of their worker covers them (the
+# worker then purges them) and at most this long, or this much in all.
+RESIDENCY_MAX_AGE = 15 * 60.0
+RESIDENCY_MAX_BYTES = 512 * 1024 * 1024
 
 
-async def ensure_residency_bucket(js: JetStreamContext, names: Names) -> KeyValue:
-    """The residency bucket: one key per (worker, block) it holds. File storage (a
-    restarted server keeps it); per-message TTLs allowed, so the markers a delete
-    leaves expire instead of piling up one per block ever evicted."""
-    bucket = names.residency_bucket
+async def ensure_residency(js: JetStreamContext, names: Names) -> ObjectStore:
+    """The residency stream (every worker's event batches) and the snapshot object
+    store; returns the store. File storage: a restarted server keeps both."""
+    await _ensure_stream(js, js_api.StreamConfig(
+        name=names.residency_stream, subjects=[names.residency_subjects],
+        retention=js_api.RetentionPolicy.LIMITS, storage=js_api.StorageType.FILE,
+        max_age=RESIDENCY_MAX_AGE, max_bytes=RESIDENCY_MAX_BYTES,
+        duplicate_window=DEDUPE_WINDOW, discard=js_api.DiscardPolicy.OLD,
+    ))
     try:
-        kv = await js.key_value(bucket)
-    except BucketNotFoundError:
-        kv = await js.create_key_value(bucket=bucket, history=1,
-                                       storage=js_api.StorageType.FILE)
-    info = await js.stream_info(f"KV_{bucket}")
-    if not info.config.allow_msg_ttl:
-        info.config.allow_msg_ttl = True
-        await js.update_stream(info.config)
-    return kv
+        return await js.object_store(names.residency_snapshots)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_object_store(
+            names.residency_snapshots,
+            config=js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE))
 
 
 async def find_buckets(js: JetStreamContext, names: Names) -> tuple[KeyValue, KeyValue]:
@@ -211,14 +215,14 @@ async def open_bus(cfg: Config, url: str, *, name: str, ensure: bool = True) -> 
     nc = await connect(url, name=name, on_reconnect=listeners)
     js = nc.jetstream(timeout=10)
     try:
-        residency_kv = None
+        residency = None
         if ensure:
             workers_kv, load_kv = await ensure_topology(js, names, cfg)
-            residency_kv = await ensure_residency_bucket(js, names)
+            residency = await ensure_residency(js, names)
         else:
             workers_kv, load_kv = await find_buckets(js, names)
     except BaseException:
         await nc.close()
         raise
     return Bus(nc=nc, js=js, names=names, workers_kv=workers_kv, load_kv=load_kv,
-               residency_kv=residency_kv, on_reconnect=listeners)
+               residency=residency, on_reconnect=listeners)

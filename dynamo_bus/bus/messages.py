@@ -16,7 +16,10 @@ tagged union (field ``type``) so one subscription can carry every kind.
 
 from __future__ import annotations
 
+import sys
 import time
+from array import array
+from collections.abc import Iterable
 from typing import Generic, Literal, TypeVar
 
 import msgspec
@@ -212,15 +215,58 @@ Tier = Literal["device", "host", "disk"]
 TIERS: tuple[str, ...] = Tier.__args__  # type: ignore[attr-defined]  # fastest first
 
 
-class Residency(msgspec.Struct, omit_defaults=True):
-    """One KV block held by one worker: the value of its key in the residency bucket.
+class ResidencyBatch(msgspec.Struct, omit_defaults=True):
+    """What changed in one worker's KV cache since its previous batch: blocks stored
+    or moved to another tier, and blocks evicted for good. One message per publish
+    interval on the worker's residency subject, whatever the number of blocks.
 
     ``instance`` tells a worker's incarnations apart (its start time in ns): a router
-    that sees a newer instance forgets everything the older one held."""
+    that sees a newer instance forgets everything the older one held. ``seq`` counts
+    the batches of one incarnation from 1, with no holes: a router that sees one skip
+    missed some and reloads the worker's snapshot. Hashes are 8-byte little-endian
+    sequence hashes, packed (base64 in JSON): see :func:`pack_hashes`."""
 
-    tier: Tier
+    worker_id: str
     instance: int
+    seq: int
+    stored: bytes = b""   # hashes now held (new, or in another tier than before)
+    tiers: bytes = b""    # one byte per stored hash: its fastest tier, an index in TIERS
+    removed: bytes = b""  # hashes no longer held in any tier
     v: int = 1
+
+
+class ResidencySnapshot(msgspec.Struct, omit_defaults=True):
+    """Everything one worker holds after its batch ``seq``: the object a router loads
+    before it replays the batches after it. ``stream_seq`` is the residency stream's
+    sequence at or after that batch, where a router that loaded this snapshot starts
+    reading."""
+
+    worker_id: str
+    instance: int
+    seq: int
+    stream_seq: int
+    hashes: bytes = b""
+    tiers: bytes = b""
+    v: int = 1
+
+
+def pack_hashes(hashes: Iterable[int]) -> bytes:
+    """Block hashes (unsigned 64-bit) as 8-byte little-endian words."""
+    words = array("Q", hashes)
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words.tobytes()
+
+
+def unpack_hashes(data: bytes) -> array[int]:
+    """The inverse of :func:`pack_hashes`."""
+    if len(data) % 8:
+        raise ProtocolError(f"packed hashes of {len(data)} bytes (not whole 8-byte words)")
+    words = array("Q")
+    words.frombytes(data)
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words
 
 
 def now_ns() -> int:
@@ -262,4 +308,5 @@ RESEND: Codec[Resend] = Codec(Resend)
 RESEND_ACK: Codec[ResendAck] = Codec(ResendAck)
 REGISTRATION: Codec[Registration] = Codec(Registration)
 LOAD: Codec[Load] = Codec(Load)
-RESIDENCY: Codec[Residency] = Codec(Residency)
+RESIDENCY_BATCH: Codec[ResidencyBatch] = Codec(ResidencyBatch)
+RESIDENCY_SNAPSHOT: Codec[ResidencySnapshot] = Codec(ResidencySnapshot)

@@ -1,4 +1,4 @@
-"""Every NATS subject, JetStream stream, consumer and KV bucket name, built here and
+"""Every NATS subject, JetStream stream, consumer, KV bucket and object store name, built here and
 only here. ``subjects.md`` lists the same names with who publishes and who consumes;
 ``tests/unit/test_subjects.py`` fails when the two disagree.
 
@@ -115,20 +115,28 @@ class Names:
     def load_bucket(self) -> str:
         return f"dyn_{self._ns}_load"
 
+    # -- residency: event batches plus snapshots ----------------------------------
     @property
-    def residency_bucket(self) -> str:
+    def residency_stream(self) -> str:
+        return f"DYN_{self._NS}_RESIDENCY"
+
+    def residency_subject(self, worker_id: str) -> str:
+        """Where one worker publishes its residency batches."""
+        return f"dyn.{self._ns}.residency.events.{validate_worker_id(worker_id)}"
+
+    @property
+    def residency_subjects(self) -> str:
+        return f"dyn.{self._ns}.residency.events.*"
+
+    @property
+    def residency_snapshots(self) -> str:
+        """The object store holding each worker's residency snapshot (object name:
+        the worker id)."""
         return f"dyn_{self._ns}_residency"
 
-    def residency_key(self, worker_id: str, block_hash: int) -> str:
-        return f"{validate_worker_id(worker_id)}.{block_hash:016x}"
-
-    def residency_subject(self, worker_id: str, block_hash: int) -> str:
-        """The subject a put of ``residency_key`` is stored under (JetStream KV)."""
-        return f"$KV.{self.residency_bucket}.{self.residency_key(worker_id, block_hash)}"
-
-    def residency_subjects(self, worker_id: str) -> str:
-        """Every residency key of one worker (what its purge filters on)."""
-        return f"$KV.{self.residency_bucket}.{validate_worker_id(worker_id)}.>"
+    def residency_sync_subject(self, worker_id: str) -> str:
+        """Ask one worker to write its residency snapshot now."""
+        return f"dyn.{self._ns}.residency.sync.{validate_worker_id(worker_id)}"
 
     def all_names(self) -> dict[str, str]:
         """Every name with a placeholder for its variable parts (what subjects.md lists)."""
@@ -144,6 +152,10 @@ class Names:
             "resend_subject": self.resend_subject,
             "workers_bucket": self.workers_bucket,
             "load_bucket": self.load_bucket,
-            "residency_bucket": self.residency_bucket,
-            "residency_key": "<worker_id>.<block_hash>",
+            "residency_stream": self.residency_stream,
+            "residency_subject": self.residency_subject("W").replace(".W", ".<worker_id>"),
+            "residency_snapshots": self.residency_snapshots,
+            "residency_snapshot_object": "<worker_id>",
+            "residency_sync_subject":
+                self.residency_sync_subject("W").replace(".W", ".<worker_id>"),
         }

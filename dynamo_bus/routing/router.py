@@ -9,7 +9,7 @@ sequence number, so such a redelivery never reaches a worker twice.
 
 The router holds no state of its own: workers and their load come from the registry
 buckets (see ``registry.py``), which worker holds which KV blocks from the residency
-bucket (``residency.py``); the choice itself is ``policy.py``.
+stream and snapshots (``residency_watch.py``); the choice itself is ``policy.py``.
 
 When every eligible worker is busy (``--router-busy-kv``, ``--router-busy-prefill-tokens``)
 a request waits in this router's queue, highest ``priority`` first and first come first
@@ -53,7 +53,7 @@ from dynamo_bus.routing.policy import (
     RoutingPolicy,
     UnknownWorker,
 )
-from dynamo_bus.routing.residency import ResidencyWatcher
+from dynamo_bus.routing.residency_watch import ResidencyWatcher
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,7 @@ class Router:
             missing.cancel()
             await sweeper.close(timeout=2.0)
         if self.registry.get(worker_id) is None:
-            self.policy.index.remove_worker(worker_id)  # the blocks it held went with it
-            with contextlib.suppress(Exception):
-                await self.bus.js.purge_stream(f"KV_{names.residency_bucket}",
-                                               subject=names.residency_subjects(worker_id))
+            await self.residency.drop_worker(worker_id)  # the blocks it held went with it
             if not gone.is_set():
                 with contextlib.suppress(Exception):
                     await self.bus.js.delete_consumer(names.work_stream,

@@ -90,7 +90,7 @@ class Worker:
         self.fingerprint = msgspec.structs.replace(engine.fingerprint, tokenizer=tokenizer)
         self.residency = (ResidencyPublisher(bus, engine, worker_id,
                                              instance=residency_instance(self._started_at))
-                          if bus.residency_kv is not None else None)
+                          if bus.residency is not None else None)
 
     # -- lifecycle ---------------------------------------------------------------
     async def _ensure_consumer(self) -> None:
@@ -187,7 +187,7 @@ class Worker:
                 log.warning("heartbeat failed: %r", exc)
             else:
                 if loop.time() - last_ok > self.cfg.worker_ttl and self.residency is not None:
-                    # Routers took us for gone and may have purged our residency keys.
+                    # Routers took us for gone and may have dropped our blocks.
                     await self.residency.resync()
                 last_ok = loop.time()
             self._load_dirty.set()

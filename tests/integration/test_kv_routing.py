@@ -1,5 +1,6 @@
 """KV-aware routing through the real stack: residency published by workers, an index
-rebuilt by routers from the bucket, refusals and the router queue as a user sees them."""
+rebuilt by routers from snapshots and event batches, refusals and the router queue as a
+user sees them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from nats.errors import NoRespondersError
 
-from dynamo_bus.bus.connection import Bus, ensure_residency_bucket, open_bus
+from dynamo_bus.bus.connection import Bus, ensure_residency, open_bus
+from dynamo_bus.bus.messages import RESIDENCY_BATCH
 from dynamo_bus.config import Config
-from dynamo_bus.routing.residency import ResidencyPublisher, ResidencyWatcher
+from dynamo_bus.routing.residency import ResidencyPublisher
+from dynamo_bus.routing.residency_watch import ResidencyWatcher
 
 pytestmark = pytest.mark.integration
 
@@ -130,88 +134,120 @@ class FakeResidencySource:
         out, self.pending = self.pending, {}
         return out
 
-    def residency_snapshot(self) -> dict[int, str]:
-        return {}
-
 
 @pytest.fixture
 async def residency(nats_server) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """``bus, source, pub = await residency(**publisher_settings)``: a bus with the
-    residency bucket and a started publisher for worker ``w0``, stopped afterwards."""
+    residency stream and store and a started publisher for worker ``w0`` (the fixture's
+    ``watch(bus)`` starts a router's watcher); all stopped afterwards."""
     bus = await open_bus(Config(nats_url=nats_server.url), nats_server.url, name="t")
-    pubs: list[ResidencyPublisher] = []
+    started: list[Any] = []
 
-    async def make(**settings: Any) -> tuple[Bus, FakeResidencySource, ResidencyPublisher]:
+    async def make(instance: int = 1, **settings: Any) -> tuple[
+            Bus, FakeResidencySource, ResidencyPublisher]:
         source = FakeResidencySource()
-        pub = ResidencyPublisher(bus, source, "w0", instance=1, **settings)
+        pub = ResidencyPublisher(bus, source, "w0", instance=instance, **settings)
         await pub.start()
-        pubs.append(pub)
+        started.append(pub)
         return bus, source, pub
 
+    async def watch() -> ResidencyWatcher:
+        watcher = ResidencyWatcher(bus)
+        await watcher.start()
+        started.append(watcher)
+        return watcher
+
+    make.watch = watch  # type: ignore[attr-defined]
     yield make
-    for pub in pubs:
-        await pub.stop()
+    for item in reversed(started):
+        await item.stop()
     await bus.close()
 
 
-async def _index_of(bus: Bus) -> ResidencyWatcher:
-    watcher = ResidencyWatcher(bus)
-    await watcher.start()
-    return watcher
+def _held(watcher: ResidencyWatcher, hashes: list[int]) -> int:
+    return sum(watcher.index.overlaps([h], ["w0"])["w0"] != (0, 0, 0) for h in hashes)
 
 
-async def test_residency_puts_the_server_did_not_store_are_sent_again(residency) -> None:
-    bus, source, pub = await residency(window=64, ack_timeout=0.3)
-    stream = f"KV_{bus.names.residency_bucket}"
-    await bus.js.delete_stream(stream)  # the bucket is gone: nothing is stored
-    source.pending = dict.fromkeys(range(1, 201), "device")
-    sender = asyncio.create_task(pub.publish_changes())  # stalls at the window
-    await asyncio.sleep(1.0)
-    assert not sender.done() and len(pub._unacked) == 64
-    await ensure_residency_bucket(bus.js, bus.names)  # back: overdue puts go again
-    await sender
-    assert await pub.flush(timeout=20) and pub.resent > 0
-    assert (await bus.js.stream_info(stream)).state.messages == 200
-    watcher = await _index_of(bus)
-    assert watcher.index.blocks_of("w0") == 200
-    await watcher.stop()
+async def test_residency_travels_as_one_stored_message_per_interval(residency) -> None:
+    bus, source, pub = await residency(interval=0.05)
+    watcher = await residency.watch()
+    source.pending = dict.fromkeys(range(1, 2001), "device")
+    await _until(lambda: watcher.index.blocks_of("w0") == 2000)
+    source.pending = {**dict.fromkeys(range(1, 11), "host"), **dict.fromkeys(range(11, 21))}
+    await _until(lambda: watcher.index.blocks_of("w0") == 1990)
+    assert watcher.index.overlaps(list(range(1, 12)), ["w0"])["w0"] == (0, 10, 0)
+    stream = await bus.js.stream_info(bus.names.residency_stream)
+    assert pub.batches == 2 and stream.state.messages == 2  # 2,020 changes, 2 messages
 
 
-async def test_a_put_whose_ack_was_lost_never_comes_back_after_the_purge(residency) -> None:
-    bus, source, pub = await residency(ack_timeout=0.2)
-    on_ack = pub._on_ack
-    dropped: list[object] = []
-
-    async def lose_first(msg: Any) -> None:
-        if not dropped:
-            dropped.append(msg)
-            return
-        await on_ack(msg)
-
-    await pub._sub.unsubscribe()
-    pub._sub = await bus.nc.subscribe(pub._inbox + ".*", cb=lose_first)
-    source.pending = {7: "device"}
-    await pub.publish_changes()
-    await bus.nc.flush()
-    source.pending = {7: None}  # evicted before the put's ack came
-    await pub.publish_changes()
-    assert await pub.flush(timeout=5)
-    await asyncio.sleep(0.5)
-    await pub.resend_overdue()
-    await bus.nc.flush()
-    watcher = await _index_of(bus)
-    assert dropped and watcher.index.blocks_of("w0") == 0
-    await watcher.stop()
-
-
-async def test_a_watch_restarted_after_a_reconnect_forgets_what_was_purged(residency) -> None:
+async def test_a_batch_the_server_did_not_store_goes_again_and_is_stored_once(residency) -> None:
     bus, source, pub = await residency()
-    watcher = await _index_of(bus)
+    await pub.stop()  # driven by hand below
+    await bus.js.delete_stream(bus.names.residency_stream)  # nothing can be stored
+    source.pending = dict.fromkeys(range(1, 201), "device")
+    with pytest.raises(NoRespondersError):
+        await pub.publish_changes()
+    assert pub.seq == 0 and len(pub._outbox) == 1
+    batch = pub._outbox[0]
+    await ensure_residency(bus.js, bus.names)
+    # Say the first try reached the server after all and only its ack was lost:
+    await bus.js.publish(bus.names.residency_subject("w0"), RESIDENCY_BATCH.encode(batch),
+                         headers={"Nats-Msg-Id": "w0:1:1"})
+    source.pending = {5: None}  # evicted meanwhile: goes in the next batch
+    assert await pub.publish_changes() == 1  # the same batch again, stored once
+    assert await pub.publish_changes() == 1  # then the eviction
+    assert pub.seq == 2
+    assert (await bus.js.stream_info(bus.names.residency_stream)).state.messages == 2
+    await pub.write_snapshot()
+    watcher = await residency.watch()
+    assert watcher.index.blocks_of("w0") == 199 and _held(watcher, [5]) == 0
+
+
+async def test_a_router_that_missed_batches_heals_from_a_fresh_snapshot(residency) -> None:
+    _, source, pub = await residency()
+    watcher = await residency.watch()
+    source.pending = dict.fromkeys(range(1, 101), "device")
+    await _until(lambda: watcher.index.blocks_of("w0") == 100)
+    watcher.forget("w0")  # as a router that dropped the worker, or fell behind the purges
+    source.pending = {101: "device", 1: None}
+    await _until(lambda: watcher.heals == 1)
+    assert watcher.gaps == 1 and pub.snapshots == 2  # the start's and the one asked for
+    await _until(lambda: watcher.index.blocks_of("w0") == 100)
+    assert _held(watcher, [1, 2, 101]) == 2
+
+
+async def test_a_new_router_reads_snapshots_then_the_batches_after_them(residency) -> None:
+    bus, source, pub = await residency()
+    source.pending = dict.fromkeys(range(1, 501), "device")
+    await pub.flush()
+    await pub.write_snapshot()  # purges the batches it holds
+    source.pending = {**dict.fromkeys(range(1, 51)), 1000: "disk"}
+    await pub.flush()
+    assert (await bus.js.stream_info(bus.names.residency_stream)).state.messages == 1
+    watcher = await residency.watch()
+    assert watcher.snapshots_loaded == 1 and watcher.batches == 1
+    assert watcher.index.blocks_of("w0") == 451
+    assert watcher.index.overlaps([1000], ["w0"])["w0"] == (0, 0, 1)
+
+
+async def test_a_restarted_worker_replaces_what_its_earlier_run_held(residency) -> None:
+    _, source, pub = await residency(instance=1)
+    watcher = await residency.watch()
+    source.pending = dict.fromkeys(range(1, 101), "device")
+    await _until(lambda: watcher.index.blocks_of("w0") == 100)
+    await pub.stop()
+    _, source2, _ = await residency(instance=2)
+    source2.pending = {7: "device"}
+    await _until(lambda: watcher.index.blocks_of("w0") == 1)
+    fresh = await residency.watch()
+    assert fresh.index.blocks_of("w0") == 1
+
+
+async def test_a_watch_restarted_after_a_reconnect_forgets_what_was_dropped(residency) -> None:
+    _, source, pub = await residency()
+    watcher = await residency.watch()
     source.pending = dict.fromkeys(range(1, 11), "device")
-    await pub.publish_changes()
-    assert await pub.flush(timeout=5)
     await _until(lambda: watcher.index.blocks_of("w0") == 10)
-    await pub.purge()  # a stream purge leaves no marker for a watch to see
+    await pub.stop()  # removes its snapshot and batches: nothing for a watch to see
     watcher._rewatch()  # what a reconnect does
     await _until(lambda: watcher.index.blocks_of("w0") == 0)
-    await watcher.stop()

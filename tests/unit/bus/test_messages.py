@@ -12,6 +12,8 @@ from dynamo_bus.bus.messages import (
     REQUEST,
     RESEND,
     RESEND_ACK,
+    RESIDENCY_BATCH,
+    RESIDENCY_SNAPSHOT,
     RESPONSE,
     Cancel,
     Chunk,
@@ -22,9 +24,13 @@ from dynamo_bus.bus.messages import (
     Request,
     Resend,
     ResendAck,
+    ResidencyBatch,
+    ResidencySnapshot,
     RoutingHints,
     SamplingOptions,
     Usage,
+    pack_hashes,
+    unpack_hashes,
 )
 from dynamo_bus.errors import ProtocolError
 
@@ -47,6 +53,11 @@ SAMPLES = [
     (REGISTRATION, Registration(worker_id="w", model="m", fingerprint=Fingerprint("m", 16),
                                 work_subject="dyn.x.work.w", capacity=8, incarnation="5f0c")),
     (LOAD, Load(worker_id="w", active_requests=2, capacity=8)),
+    (RESIDENCY_BATCH, ResidencyBatch(worker_id="w", instance=5, seq=2,
+                                     stored=pack_hashes([1, 2**64 - 1]), tiers=b"\x00\x02",
+                                     removed=pack_hashes([3]))),
+    (RESIDENCY_SNAPSHOT, ResidencySnapshot(worker_id="w", instance=5, seq=2, stream_seq=40,
+                                           hashes=pack_hashes([1]), tiers=b"\x01")),
 ]
 
 
@@ -118,3 +129,12 @@ def test_garbage_is_a_protocol_error_not_a_crash() -> None:
 def test_plain_json_publishers_need_only_the_required_fields() -> None:
     req = REQUEST.decode(b'{"request_id":"a","model":"m","token_ids":[1,2],"reply_to":"x"}')
     assert req.sampling.max_tokens == 16 and req.routing.strategy is None
+
+
+def test_block_hashes_pack_into_8_byte_little_endian_words() -> None:
+    hashes = [0, 1, 0x0123456789ABCDEF, 2**64 - 1]
+    packed = pack_hashes(hashes)
+    assert packed[8:16] == (1).to_bytes(8, "little") and len(packed) == 32
+    assert list(unpack_hashes(packed)) == hashes
+    with pytest.raises(ProtocolError, match="8-byte"):
+        unpack_hashes(b"\x00" * 12)

@@ -81,6 +81,29 @@ def test_a_newer_incarnation_replaces_what_the_older_held() -> None:
     assert index.num_blocks == 0
 
 
+def test_batches_and_snapshots_give_the_index_that_single_updates_give() -> None:
+    hashes = sequence_hashes(PROMPT, BS)
+    one = ResidencyIndex()
+    for h in hashes[:10]:
+        one.apply("a", h, "device", instance=1)
+    one.apply("b", hashes[0], "host", instance=1)
+    for h in hashes[3:5]:
+        one.apply("a", h, None, instance=1)
+    one.apply("a", hashes[5], "disk", instance=1)
+    bulk = ResidencyIndex()
+    bulk.load_worker("b", 1, [hashes[0]], [1])
+    bulk.load_worker("a", 1, hashes[:10], [0] * 10)  # shares block 0 with b
+    bulk.apply_batch("a", 1, [hashes[5]], [2], hashes[3:5])
+    for idx in (one, bulk):
+        assert idx.overlaps(hashes, ["a", "b"]) == {"a": (3, 0, 0), "b": (0, 1, 0)}
+        assert idx.blocks_of("a") == 8 and idx.blocks_of("b") == 1
+    assert bulk.overlaps(hashes[5:6], ["a"])["a"] == (0, 0, 1)
+    assert not bulk.apply_batch("a", 0, [], [], [])  # no incarnation older than known
+    bulk.load_worker("a", 2, [hashes[9]], [0])  # restarted: holds one block, shares none
+    assert bulk.blocks_of("a") == 1 and bulk.blocks_of("b") == 1
+    assert bulk.overlaps(hashes, ["b"])["b"] == (0, 1, 0)
+
+
 def test_kv_aware_goes_where_the_prefix_is_cached() -> None:
     view = FakeWorkerView("a", "b", "c")
     policy = RoutingPolicy(view, "kv_aware", block_size=BS)
