@@ -7,8 +7,14 @@ frontend + mocker, in the same run.  Systems run one at a time (never two loaded
 once), each started fresh per round, the order rotated per round; the table reports
 medians over rounds.  Writes ``bench/results/serving_overhead.{md,json}``.
 
-    .venv/bin/python bench/serving_overhead.py                       # all three systems
+    .venv/bin/python bench/serving_overhead.py                       # every system
     .venv/bin/python bench/serving_overhead.py --systems dynamo --rounds 1
+    .venv/bin/python bench/serving_overhead.py --quick   # the regression check, < 2 min
+
+``--quick``: one round of 500 requests per cell, streaming and unary at c = 8 and 32,
+Dynamo against ``serve`` with per-token streaming (``--fold-chunks false``, one SSE
+event per token as Dynamo sends), written to ``serving_overhead_quick.{md,json}``. Run
+it whenever the request path changes; the full run is for the figures.
 """
 
 from __future__ import annotations
@@ -296,6 +302,27 @@ def _f(x: float | None, nd: int = 1) -> str:
     return "—" if x is None else f"{x:,.{nd}f}"
 
 
+def ratios(rows: list[dict]) -> list[str]:
+    """dynamo-bus against Dynamo, cell by cell: req/s ratio and TTFT p50 side by side."""
+    peer = {(r["concurrency"], r["stream"]): r for r in rows if r["system"] == "dynamo"}
+    mine = [r for r in rows if r["system"] != "dynamo"
+            and peer.get((r["concurrency"], r["stream"]), {}).get("req_per_s")]
+    if not mine:
+        return []
+    out = ["", "dynamo-bus against Dynamo in the same run (req/s ÷ Dynamo's; TTFT p50 ms, "
+           "ours / Dynamo's):", "",
+           "| system | mode | conc | req/s ÷ Dynamo | TTFT p50 ours / Dynamo |",
+           "|---|---|---:|---:|---:|"]
+    for r in mine:
+        d = peer[(r["concurrency"], r["stream"])]
+        ttft = (f"{_f(r['ttft_p50_ms'])} / {_f(d['ttft_p50_ms'])}"
+                if r["ttft_p50_ms"] is not None else "—")
+        ratio = (r["req_per_s"] or 0) / d["req_per_s"]
+        out.append(f"| {r['system']} | {'stream' if r['stream'] else 'unary'} | "
+                   f"{r['concurrency']} | {ratio:.2f}x | {ttft} |")
+    return out
+
+
 def write_report(
     a: argparse.Namespace,
     runs: list[dict],
@@ -313,7 +340,8 @@ def write_report(
         f"{a.prompt_tokens}-token prompts (chat-templated, same tokenizer, distinct per "
         f"request), {a.max_tokens} output tokens, {a.requests} measured requests per cell "
         f"after 2xC warm-up, medians over {meta['rounds_done']} round(s) "
-        f"(each system started fresh per round, one system at a time, order rotated).",
+        f"(each system started fresh per round, one system at a time, order rotated). "
+        f"Measured at {meta['versions']['dynamo-bus']}, {meta['date']}.",
         "",
         "| system | mode | conc | req/s | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | "
         "E2E p99 ms | out tok/s | text events / req | errors | loadgen CPU (cores) | "
@@ -330,6 +358,7 @@ def write_report(
             f"{_f(r['loadgen_cpu_cores'], 2)} | {_f(r['server_cpu_cores'], 2)} | "
             f"{_f(r['other_cpu_cores'], 2)} |"
         )
+    L += ratios(rows)
     odd = [
         f"{r['system']} {'stream' if r['stream'] else 'unary'} c={r['concurrency']}: "
         f"{_f(r['mean_out_tokens'])} output / {_f(r['mean_prompt_tokens'])} prompt tokens"
@@ -439,7 +468,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ready-timeout-s", type=float, default=120.0)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--out-name", default="serving_overhead")
+    ap.add_argument("--quick", action="store_true",
+                    help="the regression check: 1 round, 500 requests, c=8,32, dynamo and "
+                    "bus-serve-per-token (each also settable), written to *_quick")
     a = ap.parse_args(argv)
+    if a.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        for flag, attr, value in (("--rounds", "rounds", 1), ("--requests", "requests", 500),
+                                  ("--systems", "systems", ["dynamo", "bus-serve-per-token"]),
+                                  ("--out-name", "out_name", "serving_overhead_quick")):
+            if not any(g == flag or g.startswith(flag + "=") for g in given):
+                setattr(a, attr, value)
     bad = [s for s in a.systems if s not in SYSTEMS]
     if bad:
         ap.error(f"unknown systems {bad}; choose from {SYSTEMS}")

@@ -60,6 +60,7 @@ async def _errors(request: web.Request,
 
 
 _json_decode = msgspec.json.Decoder()
+_WRITE_AT = 16 * 1024  # bytes of ready events written at once, at most
 
 
 async def _body(request: web.Request) -> Any:
@@ -92,16 +93,22 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         raise
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
+    out = bytearray()  # events not written yet
     try:
         if first is not None:
             await resp.write(b"data: " + _json.encode(first) + b"\n\n")
             async for chunk in chunks:
-                await resp.write(b"data: " + _json.encode(chunk) + b"\n\n")
+                out += b"data: " + _json.encode(chunk) + b"\n\n"
+                # One event per chunk, but one socket write for the events that are
+                # ready together: write when the next would have to be waited for.
+                if not stream.ready or len(out) >= _WRITE_AT:
+                    await resp.write(bytes(out))
+                    out.clear()
     except DynamoBusError as exc:  # after headers: an error event, then [DONE]
-        await resp.write(b"data: " + _json.encode(exc.to_openai()) + b"\n\n")
+        out += b"data: " + _json.encode(exc.to_openai()) + b"\n\n"
     finally:
         await chunks.aclose()
-    await resp.write(b"data: [DONE]\n\n")
+    await resp.write(bytes(out) + b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 

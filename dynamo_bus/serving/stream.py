@@ -141,6 +141,11 @@ class TokenStream:
                         "would be incomplete"))
 
     # -- reading ---------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Whether a response is waiting (the next read will not wait)."""
+        return bool(self._pending)
+
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iter()
 
