@@ -44,6 +44,9 @@ class EngineRequest(msgspec.Struct):
     request_id: str
     token_ids: list[int]
     sampling: SamplingOptions
+    # False: the caller reads only the end, so ``generate`` yields once, when the
+    # request finishes, with every token (no wake-up per step for nobody).
+    stream: bool = True
 
 
 class EngineOutput(msgspec.Struct):

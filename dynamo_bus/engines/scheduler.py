@@ -300,7 +300,8 @@ class BatchingEngine(PagedKVEngine):
             self._finish(seq, "length")
         else:
             seq.tokens.append(token)
-            seq.event.set()
+            if seq.stream:
+                seq.event.set()
 
     def _finish(self, seq: Seq, reason: FinishReason) -> None:
         """End a request wherever it is; the pool gets every block back."""

@@ -49,6 +49,7 @@ class Seq:
     pending_logprobs: list[float] = field(default_factory=list)
     pending_top: list[list[tuple[int, float]]] = field(default_factory=list)
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    stream: bool = True          # wake the reader per step (False: only at the end)
 
     @property
     def prefilling(self) -> bool:
@@ -82,4 +83,4 @@ def new_seq(request: EngineRequest, *, vocab_size: int, context_length: int,
     if not sampling.ignore_eos:
         stop_ids.update(eos_token_ids)
     return Seq(request.request_id, list(prompt), sequence_hashes(arr, block_size), sampling,
-               frozenset(stop_ids))
+               frozenset(stop_ids), stream=request.stream)

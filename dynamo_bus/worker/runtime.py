@@ -81,6 +81,7 @@ class Worker:
         self._cancelled = RecentIds()
         self._tasks: list[asyncio.Task[None]] = []
         self._load_dirty = asyncio.Event()
+        self._taken = 0  # requests taken off the work queue (load reports carry it)
         self._draining = False
         self._closed = False
         self._started_at = time.time()
@@ -214,7 +215,7 @@ class Worker:
                         capacity=self.cfg.max_concurrency,
                         active_prefill_tokens=el.active_prefill_tokens,
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
-                        at=time.time())
+                        at=time.time(), taken=self._taken)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))
@@ -268,6 +269,7 @@ class Worker:
             await msg.ack()
             return
         self._running[rid] = msg
+        self._taken += 1
         self._sent.open(rid, req.reply_to)
         self._load_dirty.set()
         try:
@@ -282,7 +284,8 @@ class Worker:
 
     async def _generate(self, req: Request) -> None:
         rid, index, cached = req.request_id, 0, 0
-        ereq = EngineRequest(request_id=rid, token_ids=req.token_ids, sampling=req.sampling)
+        ereq = EngineRequest(request_id=rid, token_ids=req.token_ids, sampling=req.sampling,
+                             stream=req.stream)
         gen = self.engine.generate(ereq)
         held: list[int] = []  # tokens not sent yet (a non-streaming request)
         held_lp: list[float] = []  # and their logprobs, when the request asked for them

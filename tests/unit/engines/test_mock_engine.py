@@ -328,3 +328,20 @@ async def test_real_clock_at_high_speedup() -> None:
                                      for i in range(8)))
     await eng.stop()
     assert [len(tokens(r)) for r in results] == [16] * 8
+
+
+async def test_a_request_read_only_at_the_end_gets_one_output_with_every_token() -> None:
+    eng = MockEngine("mock-model", vocab_size=32_000, speedup=1e6)
+    await eng.start()
+    try:
+        sampling = SamplingOptions(max_tokens=12, temperature=0.0)
+        streamed = [out async for out in eng.generate(
+            EngineRequest(request_id="s", token_ids=list(range(40)), sampling=sampling))]
+        whole = [out async for out in eng.generate(
+            EngineRequest(request_id="w", token_ids=list(range(40)), sampling=sampling,
+                          stream=False))]
+    finally:
+        await eng.stop()
+    assert len(streamed) > 1 and len(whole) == 1
+    assert whole[0].token_ids == [t for out in streamed for t in out.token_ids]
+    assert whole[0].finish_reason == "length"
