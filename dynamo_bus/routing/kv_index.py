@@ -93,14 +93,24 @@ class ResidencyIndex:
         snapshot. Bulk: a million blocks load in well under a second."""
         if not self.observe_instance(worker_id, instance):
             return False
+        if len(hashes) != len(ranks):
+            raise ValueError(f"{len(hashes)} hashes but {len(ranks)} tiers")
         self.remove_worker(worker_id)
         w = self._number(worker_id)
         base = w * 4
-        fresh = dict(zip(hashes, [base + r for r in ranks], strict=True))
+        fresh: dict[int, int]
+        if ranks and ranks.count(ranks[0]) == len(ranks):  # one tier (the usual case)
+            fresh = dict.fromkeys(hashes, base + ranks[0])
+        else:
+            fresh = dict(zip(hashes, [base + r for r in ranks], strict=True))
         blocks = self._blocks
-        for h in fresh.keys() & blocks.keys():  # also held by another worker
-            self._put(w, h, fresh.pop(h) & 3)
-        blocks.update(fresh)
+        if not blocks:
+            self._blocks = fresh  # type: ignore[assignment]  # one holder per block
+        else:
+            small, big = (fresh, blocks) if len(fresh) <= len(blocks) else (blocks, fresh)
+            for h in [h for h in small if h in big]:  # also held by another worker
+                self._put(w, h, fresh.pop(h) & 3)
+            blocks.update(fresh)
         self._counts[w] += len(fresh)
         self.updates += len(hashes)
         return True

@@ -23,14 +23,16 @@ builds the same index. After a reconnect it rebuilds the index the same way.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import time
 
 from nats.aio.msg import Msg
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError
 
 from dynamo_bus.bus.connection import Bus
 from dynamo_bus.bus.messages import (
@@ -169,16 +171,49 @@ class ResidencyWatcher:
         return (start or 0) + 1
 
     async def _read_snapshot(self, worker_id: str) -> ResidencySnapshot | None:
-        assert self.bus.residency is not None
-        try:
-            obj = await self.bus.residency.get(worker_id)
-        except (NotFoundError, ObjectNotFoundError):
+        data = await self._fetch_object(worker_id)
+        if data is None:
             return None
         try:
-            return RESIDENCY_SNAPSHOT.decode(obj.data or b"")
+            return RESIDENCY_SNAPSHOT.decode(data)
         except ProtocolError as exc:
             log.warning("ignoring the residency snapshot of %s: %s", worker_id, exc)
             return None
+
+    async def _fetch_object(self, name: str) -> bytes | None:
+        """One object of the snapshot store (None: there is none, or it was replaced
+        while being read), its chunks fetched with one pull. nats-py's own ``get``
+        reads them through a flow-controlled push consumer at ~15 MB/s here: a
+        million-block snapshot took 0.8 s."""
+        assert self.bus.residency is not None
+        try:
+            info = await self.bus.residency.get_info(name)
+        except NotFoundError:
+            return None
+        if not info.size or not info.chunks:
+            return b""
+        bucket = self.bus.names.residency_snapshots
+        psub = await self.bus.js.pull_subscribe(
+            f"$O.{bucket}.C.{info.nuid}", stream=f"OBJ_{bucket}",
+            config=js_api.ConsumerConfig(ack_policy=js_api.AckPolicy.NONE, mem_storage=True,
+                                         inactive_threshold=30.0, num_replicas=1))
+        chunks: list[bytes] = []
+        try:
+            while len(chunks) < info.chunks:
+                got = await psub.fetch(info.chunks - len(chunks), timeout=5.0)
+                chunks += [m.data for m in got]
+        except TimeoutError:
+            return None  # replaced meanwhile: its chunks are gone
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+        data = b"".join(chunks)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        if info.digest is None or info.digest.partition("=")[2] != digest:
+            log.warning("ignoring the residency snapshot of %s: its digest does not match",
+                        name)
+            return None
+        return data
 
     def _load(self, view: _View, snap: ResidencySnapshot) -> bool:
         try:
