@@ -209,10 +209,6 @@ class Load(msgspec.Struct, omit_defaults=True):
     total_blocks: int = 0
     at: float = 0.0
     v: int = 1
-    # Requests this run of the worker has taken off its work queue so far (0: a worker
-    # that does not count): a router keeps counting what it sent until a report's
-    # ``taken`` shows the worker has it.
-    taken: int = 0
 
 
 Tier = Literal["device", "host", "disk"]

@@ -80,39 +80,12 @@ class KvWeights:
 
 @dataclass
 class _Sent:
-    """What this router sent a worker that the worker's load reports do not show yet.
+    """What this router sent a worker since the worker's last load report."""
 
-    Each request sent is kept until a report's ``Load.taken`` reaches the count at
-    which the worker will have taken it off its queue: a report made before the worker
-    took it (a heartbeat racing the request) does not make the router forget it. A
-    worker that does not count (``taken`` 0) is trusted with its next report, as
-    before."""
-
-    at: float = -1.0  # the ``Load.at`` of the last report seen
-    taken: int = 0    # and its ``taken``
-    # (the ``taken`` that covers it, prefill tokens, blocks), oldest first
-    entries: list[tuple[int, int, int]] = field(default_factory=list)
+    at: float = -1.0  # the ``Load.at`` it counts from
     requests: int = 0
     prefill_tokens: int = 0
     blocks: int = 0
-
-    def report(self, load: Load) -> None:
-        """A new load report: drop what it covers."""
-        if load.taken == 0 or load.taken < self.taken:  # not counted, or a new run
-            self.entries.clear()
-        else:
-            self.entries = [e for e in self.entries if e[0] > load.taken]
-        self.at, self.taken = load.at, load.taken
-        self.requests = len(self.entries)
-        self.prefill_tokens = sum(e[1] for e in self.entries)
-        self.blocks = sum(e[2] for e in self.entries)
-
-    def add(self, prefill_tokens: int, blocks: int) -> None:
-        covered_at = max(self.taken, self.entries[-1][0] if self.entries else 0) + 1
-        self.entries.append((covered_at, prefill_tokens, blocks))
-        self.requests += 1
-        self.prefill_tokens += prefill_tokens
-        self.blocks += blocks
 
 
 @dataclass
@@ -205,10 +178,8 @@ class RoutingPolicy:
         load = self.view.load(w.worker_id) or Load(worker_id=w.worker_id,
                                                      capacity=w.capacity)
         sent = self._sent.get(w.worker_id)
-        if sent is None:
-            sent = self._sent[w.worker_id] = _Sent(at=load.at, taken=load.taken)
-        elif sent.at != load.at:
-            sent.report(load)
+        if sent is None or sent.at != load.at:
+            sent = self._sent[w.worker_id] = _Sent(at=load.at)
         return load, sent
 
     def busy(self, w: Registration) -> bool:
@@ -288,7 +259,9 @@ class RoutingPolicy:
         _, sent = self._load(w)
         bs = self.block_size
         new_tokens = max(len(req.token_ids) - decision.overlap_blocks * bs, 0)
-        sent.add(new_tokens, -(-new_tokens // bs))
+        sent.requests += 1
+        sent.prefill_tokens += new_tokens
+        sent.blocks += -(-new_tokens // bs)
 
     def forget(self, worker_id: str) -> None:
         """The worker's registration lapsed. Its blocks stay in the index (a worker

@@ -14,8 +14,9 @@ keeps anything of its own:
 * now and then (``snapshot_every`` seconds, or after as many changes as it holds, or
   when a router asks on the worker's sync subject) it writes a
   :class:`~dynamo_bus.bus.messages.ResidencySnapshot` of everything it holds into the
-  snapshot object store, then purges its batches the snapshot covers, so the stream
-  stays about one snapshot interval long.
+  snapshot object store, then purges the batches its previous snapshot covers, so the
+  stream stays about two snapshot intervals long and a router that loaded the previous
+  snapshot a moment ago still finds every batch after it.
 * routers read the snapshots, then the batches after them
   (:mod:`dynamo_bus.routing.residency_watch`).
 
@@ -49,7 +50,8 @@ from dynamo_bus.bus.messages import (
 log = logging.getLogger(__name__)
 
 TIER_INDEX = {t: i for i, t in enumerate(TIERS)}
-MAX_BATCH = 50_000  # hashes per batch: ~530 KB of JSON, under NATS' 1 MB payload limit
+MAX_BATCH = 30_000  # hashes (stored and removed together) per batch: ~360 KB of JSON,
+                    # well under NATS' default 1 MB payload limit
 
 
 class ResidencySource(Protocol):
@@ -104,6 +106,8 @@ class ResidencyPublisher:
         self._sync_waiters: list[Msg] = []
         self._force_snapshot = False
         self._wake = asyncio.Event()
+        self._sending = asyncio.Lock()
+        self._purge_below = 0  # the previous snapshot's stream position
         self._sync_sub: object = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -178,26 +182,31 @@ class ResidencyPublisher:
                     tiers.append(t)
         pending.clear()
         seq, step = self.seq, self.max_batch
-        for i in range(0, max(len(stored), len(removed)), step):
+        s = r = 0  # how many stored / removed hashes are in batches so far
+        while s < len(stored) or r < len(removed):
+            n_stored = min(step, len(stored) - s)
+            n_removed = min(step - n_stored, len(removed) - r)
             seq += 1
             self._outbox.append(ResidencyBatch(
                 worker_id=self.worker_id, instance=self.instance, seq=seq,
-                stored=pack_hashes(stored[i:i + step]), tiers=bytes(tiers[i:i + step]),
-                removed=pack_hashes(removed[i:i + step])))
+                stored=pack_hashes(stored[s:s + n_stored]), tiers=bytes(tiers[s:s + n_stored]),
+                removed=pack_hashes(removed[r:r + n_removed])))
+            s, r = s + n_stored, r + n_removed
 
     async def publish_changes(self) -> int:
         """Publish what changed since the last call, batch by batch, each acknowledged
         before the next; returns how many batches were stored. A batch that fails stays
         first in the outbox and goes again, unchanged."""
-        if not self._outbox:
-            self._take_changes()
-        stored = 0
-        while self._outbox:
-            batch = self._outbox[0]
-            await self._publish(batch)
-            self._outbox.pop(0)
-            stored += 1
-        return stored
+        async with self._sending:  # one sender at a time, or a batch could be skipped
+            if not self._outbox:
+                self._take_changes()
+            stored = 0
+            while self._outbox:
+                batch = self._outbox[0]
+                await self._publish(batch)
+                self._outbox.pop(0)
+                stored += 1
+            return stored
 
     async def _publish(self, batch: ResidencyBatch) -> None:
         data = RESIDENCY_BATCH.encode(batch)
@@ -241,7 +250,7 @@ class ResidencyPublisher:
         if self.seq == 0:  # nothing published yet: routers start reading after now
             info = await self.bus.js.stream_info(self.bus.names.residency_stream)
             self.stream_seq = info.state.last_seq
-        force, self._force_snapshot = self._force_snapshot, False
+        force = self._force_snapshot
         snap = ResidencySnapshot(worker_id=self.worker_id, instance=self.instance,
                                  seq=self.seq, stream_seq=self.stream_seq,
                                  hashes=pack_hashes(self.held.keys()),
@@ -249,6 +258,7 @@ class ResidencyPublisher:
         data = RESIDENCY_SNAPSHOT.encode(snap)
         assert self.bus.residency is not None
         await self.bus.residency.put(self.worker_id, data)
+        self._force_snapshot = False  # only once it is written
         self._snapshot_seq, self._snapshot_at = self.seq, time.monotonic()
         self._changes_since_snapshot = 0
         self.snapshots += 1
@@ -261,7 +271,10 @@ class ResidencyPublisher:
         for msg in waiters:
             with contextlib.suppress(Exception):
                 await msg.respond(str(snap.seq).encode())
-        if snap.stream_seq:
+        # Purge the batches the *previous* snapshot holds: a router that loaded that one
+        # a moment ago still finds every batch after it in the stream.
+        if self._purge_below:
             with contextlib.suppress(Exception):
                 await self.bus.js.purge_stream(self.bus.names.residency_stream,
-                                               subject=self._subject, seq=snap.stream_seq + 1)
+                                               subject=self._subject, seq=self._purge_below)
+        self._purge_below = snap.stream_seq + 1

@@ -38,6 +38,7 @@ from dynamo_bus.bus.connection import Bus
 from dynamo_bus.bus.messages import (
     RESIDENCY_BATCH,
     RESIDENCY_SNAPSHOT,
+    TIERS,
     ResidencyBatch,
     ResidencySnapshot,
     unpack_hashes,
@@ -71,6 +72,7 @@ class _View:
         self.applied: dict[str, tuple[int, int]] = {}
         self.healing: dict[str, list[ResidencyBatch]] = {}  # batches held while healing
         self.quiet_until: dict[str, float] = {}
+        self.forgotten: dict[str, int] = {}  # times each worker was forgotten (heals check)
 
 
 class ResidencyWatcher:
@@ -120,6 +122,8 @@ class ResidencyWatcher:
             if view is not None:
                 view.index.remove_worker(worker_id)
                 view.applied.pop(worker_id, None)
+                view.healing.pop(worker_id, None)
+                view.forgotten[worker_id] = view.forgotten.get(worker_id, 0) + 1
 
     async def drop_worker(self, worker_id: str) -> None:
         """:meth:`forget` the worker and remove its snapshot and batches."""
@@ -221,7 +225,7 @@ class ResidencyWatcher:
         except ProtocolError as exc:
             log.warning("ignoring the residency snapshot of %s: %s", snap.worker_id, exc)
             return False
-        if len(hashes) != len(snap.tiers):
+        if len(hashes) != len(snap.tiers) or (snap.tiers and max(snap.tiers) >= len(TIERS)):
             log.warning("ignoring the residency snapshot of %s: %d hashes, %d tiers",
                         snap.worker_id, len(hashes), len(snap.tiers))
             return False
@@ -233,8 +237,10 @@ class ResidencyWatcher:
 
     # -- the stream -----------------------------------------------------------------------
 
-    async def _follow(self, view: _View, start: int) -> None:
-        nc, js = self.bus.nc, self.bus.js
+    async def _consumer(self, start: int) -> tuple[str, int, bool]:
+        """An ephemeral, ack-less pull consumer from ``start`` on: its name, the stream's
+        last sequence when it was made, and whether anything is there to read."""
+        js = self.bus.js
         stream = self.bus.names.residency_stream
         last = (await js.stream_info(stream)).state.last_seq
         start = max(1, min(start, last + 1))
@@ -242,25 +248,35 @@ class ResidencyWatcher:
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
             ack_policy=js_api.AckPolicy.NONE, filter_subject=self.bus.names.residency_subjects,
             inactive_threshold=30.0, mem_storage=True, num_replicas=1))
-        name = info.name
-        behind = (info.num_pending or 0) > 0 and last >= start
+        return info.name, last, (info.num_pending or 0) > 0 and last >= start
+
+    async def _follow(self, view: _View, start: int) -> None:
+        nc, js = self.bus.nc, self.bus.js
+        stream = self.bus.names.residency_stream
+        name, last, behind = await self._consumer(start)
         if not behind:
             self._caught_up(view)
         batch_done = asyncio.Event()
         received = 0
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
 
         async def on_msg(msg: Msg) -> None:
-            nonlocal received, behind
+            nonlocal received, behind, heard
             headers = msg.headers
+            heard = loop.time()
             if headers and "Status" in headers:  # 408: the pull expired; 409: gone
                 if headers["Status"] == "409":
                     log.debug("residency pull: %s", headers.get("Description"))
+                elif behind:  # nothing left to read (what was pending got purged)
+                    behind = False
+                    self._caught_up(view)
                 batch_done.set()
                 return
             received += 1
             try:
                 self._on_batch(view, RESIDENCY_BATCH.decode(msg.data))
-            except ProtocolError as exc:
+            except (ProtocolError, ValueError) as exc:
                 log.warning("ignoring a residency batch on %s: %s", msg.subject, exc)
             if behind:
                 stream_seq, pending = _position(msg.reply)
@@ -280,8 +296,12 @@ class ResidencyWatcher:
                 batch_done.clear()
                 await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", request,
                                  reply=inbox)
-                async with asyncio.timeout(self.EXPIRES + 5.0):  # no answer: consumer lost
-                    await batch_done.wait()
+                while not batch_done.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await batch_done.wait()
+                    if loop.time() - heard > self.EXPIRES + 5.0:  # silence: consumer lost
+                        raise TimeoutError("the residency pull went unanswered")
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -303,8 +323,12 @@ class ResidencyWatcher:
         if b.seq <= seq:
             return  # already in the index (a snapshot held it)
         if b.seq == seq + 1:
+            stored = unpack_hashes(b.stored)
+            if len(stored) != len(b.tiers) or (b.tiers and max(b.tiers) >= len(TIERS)):
+                raise ProtocolError(f"residency batch {b.seq} of {w}: {len(stored)} hashes, "
+                                    f"{len(b.tiers)} tiers (each < {len(TIERS)})")
             self.batches += 1
-            if view.index.apply_batch(w, b.instance, unpack_hashes(b.stored), b.tiers,
+            if view.index.apply_batch(w, b.instance, stored, b.tiers,
                                       unpack_hashes(b.removed)):
                 view.applied[w] = (b.instance, b.seq)
             return
@@ -320,6 +344,7 @@ class ResidencyWatcher:
         """Reload the worker's snapshot (a fresh one if the stored one is older than the
         gap), then apply the batches held meanwhile."""
         need = view.healing[worker_id][0].seq - 1
+        forgotten = view.forgotten.get(worker_id, 0)
 
         def covers(snap: ResidencySnapshot | None) -> bool:
             return snap is not None and (snap.instance > instance or (
@@ -338,10 +363,17 @@ class ResidencyWatcher:
             log.warning("residency of %s: reading its snapshot failed: %r", worker_id, exc)
         finally:
             held = view.healing.pop(worker_id, [])
+        if view is not self._live and view is not self._building:
+            return  # an index rebuilt meanwhile: this one is gone
+        if view.forgotten.get(worker_id, 0) != forgotten:
+            return  # the worker was dropped meanwhile
         if snap is not None and covers(snap) and self._load(view, snap):
             self.heals += 1
             for b in held:
-                self._on_batch(view, b)
+                try:
+                    self._on_batch(view, b)
+                except (ProtocolError, ValueError) as exc:
+                    log.warning("ignoring a residency batch of %s: %s", worker_id, exc)
             return
         self.heal_failures += 1
         log.warning("residency of %s: a gap before batch %d could not be healed; its "

@@ -93,20 +93,28 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         raise
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
-    out = bytearray()  # events not written yet
+    # One event per chunk, but one socket write for the events that are ready
+    # together: they are written when the stream is about to wait for the next chunk.
+    out = bytearray()
+
+    async def flush() -> None:
+        if out:
+            data = bytes(out)
+            out.clear()
+            await resp.write(data)
+
+    stream.before_wait = flush
     try:
         if first is not None:
             await resp.write(b"data: " + _json.encode(first) + b"\n\n")
             async for chunk in chunks:
                 out += b"data: " + _json.encode(chunk) + b"\n\n"
-                # One event per chunk, but one socket write for the events that are
-                # ready together: write when the next would have to be waited for.
-                if not stream.ready or len(out) >= _WRITE_AT:
-                    await resp.write(bytes(out))
-                    out.clear()
+                if len(out) >= _WRITE_AT:
+                    await flush()
     except DynamoBusError as exc:  # after headers: an error event, then [DONE]
         out += b"data: " + _json.encode(exc.to_openai()) + b"\n\n"
     finally:
+        stream.before_wait = None
         await chunks.aclose()
     await resp.write(bytes(out) + b"data: [DONE]\n\n")
     await resp.write_eof()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from dynamo_bus.bus.messages import Chunk, Error, Request, Response
@@ -59,6 +59,9 @@ class TokenStream:
         self._deadline = asyncio.get_running_loop().time() + timeout
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
+        # Called before the reader waits for a chunk that is not there yet: a reader
+        # holding output back (events ready together, written at once) flushes it.
+        self.before_wait: Callable[[], Awaitable[None]] | None = None
 
     @property
     def request_id(self) -> str:
@@ -141,11 +144,6 @@ class TokenStream:
                         "would be incomplete"))
 
     # -- reading ---------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        """Whether a response is waiting (the next read will not wait)."""
-        return bool(self._pending)
-
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iter()
 
@@ -191,6 +189,10 @@ class TokenStream:
         caller's code between chunks)."""
         if self._pending:
             return
+        if self.before_wait is not None:
+            await self.before_wait()
+            if self._pending:
+                return
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
         while not self._pending and not self._timed_out:

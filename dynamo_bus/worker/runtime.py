@@ -81,7 +81,6 @@ class Worker:
         self._cancelled = RecentIds()
         self._tasks: list[asyncio.Task[None]] = []
         self._load_dirty = asyncio.Event()
-        self._taken = 0  # requests taken off the work queue (load reports carry it)
         self._draining = False
         self._closed = False
         self._started_at = time.time()
@@ -215,7 +214,7 @@ class Worker:
                         capacity=self.cfg.max_concurrency,
                         active_prefill_tokens=el.active_prefill_tokens,
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
-                        at=time.time(), taken=self._taken)
+                        at=time.time())
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))
@@ -269,7 +268,6 @@ class Worker:
             await msg.ack()
             return
         self._running[rid] = msg
-        self._taken += 1
         self._sent.open(rid, req.reply_to)
         self._load_dirty.set()
         try:

@@ -143,23 +143,6 @@ def test_what_a_router_sent_counts_until_the_next_load_report() -> None:
     assert sorted(picks) == ["a", "a", "b", "b"]  # alternates: a burst is spread
 
 
-def test_a_load_report_made_before_the_worker_took_a_request_does_not_hide_it() -> None:
-    view = FakeWorkerView("a")
-    policy = RoutingPolicy(view, "kv_aware", block_size=BS, busy_prefill_tokens=1)
-    view.loads["a"] = Load(worker_id="a", at=1.0, taken=3)
-    req = request(PROMPT)
-    policy.sent(req, policy.pick(req, policy.candidates(req)))
-    assert policy.busy(view.regs[0])
-    view.loads["a"] = Load(worker_id="a", at=2.0, taken=3)  # a heartbeat racing it
-    assert policy.busy(view.regs[0])
-    view.loads["a"] = Load(worker_id="a", at=3.0, taken=4)  # it has the request
-    assert not policy.busy(view.regs[0])
-    # a worker that does not count requests: its next report is trusted, as before
-    policy.sent(req, policy.pick(req, policy.candidates(req)))
-    view.loads["a"] = Load(worker_id="a", at=4.0)
-    assert not policy.busy(view.regs[0])
-
-
 def test_ties_are_broken_the_same_way_by_every_replica() -> None:
     picks = set()
     for _ in range(3):
