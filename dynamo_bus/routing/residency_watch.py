@@ -343,7 +343,8 @@ class ResidencyWatcher:
     async def _heal(self, view: _View, worker_id: str, instance: int) -> None:
         """Reload the worker's snapshot (a fresh one if the stored one is older than the
         gap), then apply the batches held meanwhile."""
-        need = view.healing[worker_id][0].seq - 1
+        mine = view.healing[worker_id]  # batches held for this heal
+        need = mine[0].seq - 1
         forgotten = view.forgotten.get(worker_id, 0)
 
         def covers(snap: ResidencySnapshot | None) -> bool:
@@ -362,7 +363,9 @@ class ResidencyWatcher:
         except Exception as exc:
             log.warning("residency of %s: reading its snapshot failed: %r", worker_id, exc)
         finally:
-            held = view.healing.pop(worker_id, [])
+            if view.healing.get(worker_id) is mine:  # not a later heal's (after a forget)
+                del view.healing[worker_id]
+            held = mine
         if view is not self._live and view is not self._building:
             return  # an index rebuilt meanwhile: this one is gone
         if view.forgotten.get(worker_id, 0) != forgotten:
