@@ -97,7 +97,14 @@ async def test_a_worker_with_another_block_size_is_refused_with_a_clear_error(st
 async def test_all_busy_answers_503_without_a_queue(stack) -> None:
     s = await stack(workers=1, mock_speedup=0.02, router_busy_prefill_tokens=1)
     hog = asyncio.create_task(_complete(s.base_url, CONTEXT, max_tokens=2))
-    await _until(lambda: s.roles.routers[0].routed == 1)
+    router = s.roles.routers[0]
+    (wid,) = [w.worker_id for w in s.roles.workers]
+
+    def hogged() -> bool:  # the worker says so (not only the router's own count)
+        load = router.registry.load(wid)
+        return load is not None and load.active_prefill_tokens > 0
+
+    await _until(hogged)
     status, body = await _complete(s.base_url, "hi")
     assert status == 503 and "busy" in body["error"]["message"]
     assert (await hog)[0] == 200
