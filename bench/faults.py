@@ -252,6 +252,22 @@ async def trial(dep: Deployment, fault: str, n: int, expected: dict[str, str],
     return outs
 
 
+async def settled(dep: Deployment, timeout: float = 15.0) -> None:
+    """Until every worker reports itself idle: a trial started while the routers still
+    see the last run's streams on a worker would send all its streams to the other
+    one, and a fault injected into the idle worker would test nothing."""
+    health = dep.base_url.removesuffix("/v1") + "/health"
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as http:
+        while asyncio.get_running_loop().time() < deadline:
+            async with http.get(health) as r:
+                workers = (await r.json()).get("workers", [])
+            if workers and all(w.get("active_requests") == 0 for w in workers):
+                break
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # the routers' view of the same reports
+
+
 def _prompt(i: int) -> str:
     return f"Stream {i}: tell me a long story about the number {i * 7 + 3}."
 
@@ -284,6 +300,7 @@ async def run_fault(fault: str, trials: int, s: Settings, model_dir: str,
         expected = await undisturbed(dep, s)
         outcomes: list[Outcome] = []
         for n in range(trials):
+            await settled(dep)
             outcomes += await trial(dep, fault, n, expected, s)
         async with aiohttp.ClientSession() as http, \
                 http.get(dep.base_url.removesuffix("/v1") + "/health") as r:
