@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from checkout import checkout, head
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, OUTPUT, BLOCKS = 1000, 64, 4096
 
@@ -72,7 +74,9 @@ async def publish(tree: str, changes_file: str) -> dict[str, Any]:
     ticks = json.loads(Path(changes_file).read_bytes())  # noqa: ASYNC240 (before any I/O)
     counted = {"messages": 0, "bytes": 0}
 
-    class Source:
+    class FakeResidencySource:
+        """A fake of ``ResidencySource``: hands out one prepared tick at a time."""
+
         def __init__(self) -> None:
             self.pending: dict[int, str | None] = {}
 
@@ -96,7 +100,7 @@ async def publish(tree: str, changes_file: str) -> dict[str, Any]:
                 await raw(subject, payload, reply=reply, headers=headers)
 
             bus.nc.publish = counting  # type: ignore[method-assign]
-            source = Source()
+            source = FakeResidencySource()
             pub = ResidencyPublisher(bus, source, "w0", instance=1)
             pub._stopping = True  # ticks are driven below, not by its own loop
             await pub.start()
@@ -180,18 +184,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         changes = Path(tmp) / "changes.json"
         changes.write_text(json.dumps(asyncio.run(make_changes(args.requests))))
-        before = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before),
-                        args.before], check=True, capture_output=True)
-        try:
+        with checkout(args.before) as before:
             result: dict[str, Any] = {"before": run_child(before, changes),
                                       "after": run_child(ROOT, changes)}
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                            str(before)], check=False)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    result.update(before_ref=args.before, commit=commit,
+    result.update(before_ref=args.before, commit=head(),
                   date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                   command="python bench/residency_cost.py " + " ".join(sys.argv[1:]))
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from checkout import checkout, head  # noqa: E402
+
 from dynamo_bus.bus.connection import open_bus  # noqa: E402
 from dynamo_bus.bus.messages import Fingerprint, Load, Registration, Request  # noqa: E402
 from dynamo_bus.bus.natsserver import EmbeddedNats  # noqa: E402
@@ -237,17 +239,10 @@ with tempfile.TemporaryDirectory() as tmp:
 def before_nats(total: int, ref: str) -> dict[str, Any]:
     """The same over-NATS measurement with the build at ``ref`` (one KV message per
     block), in a child with that build's code."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
-                       check=True, capture_output=True)
-        try:
-            out = subprocess.run([sys.executable, "-c", BEFORE_CHILD, str(tree), str(total)],
-                                 capture_output=True, text=True, timeout=1800, check=True,
-                                 env={**os.environ, "PYTHONPATH": str(tree)})
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                           check=False)
+    with checkout(ref) as tree:
+        out = subprocess.run([sys.executable, "-c", BEFORE_CHILD, str(tree), str(total)],
+                             capture_output=True, text=True, timeout=1800, check=True,
+                             env={**os.environ, "PYTHONPATH": str(tree)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -346,9 +341,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 async def amain(sizes: list[int], before: str) -> dict[str, Any]:
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],  # noqa: ASYNC221
-                            capture_output=True, text=True).stdout.strip()
-    results: dict[str, Any] = {"sizes": {}, "before_ref": before, "commit": commit}
+    results: dict[str, Any] = {"sizes": {}, "before_ref": before, "commit": head()}
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedNats(Path(tmp) / "js")
         url = server.start()

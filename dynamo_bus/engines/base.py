@@ -131,10 +131,6 @@ class Engine(abc.ABC):
         held. An engine without a prefix cache holds nothing."""
         return {}
 
-    def residency_snapshot(self) -> dict[int, str]:
-        """Every block held now, with the fastest tier holding it."""
-        return {}
-
     async def export_blocks(self, hashes: list[int]) -> KVBlocks:
         """The longest computed prefix of ``hashes``; see the module docstring."""
         raise NotImplementedError(f"the {self.name} engine does not export KV blocks")

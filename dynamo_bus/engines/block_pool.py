@@ -185,10 +185,6 @@ class BlockPool:
         changes, self._changes = self._changes, {}
         return changes
 
-    def cached_hashes(self) -> list[int]:
-        """Every findable hash (held by requests or cached)."""
-        return list(self._by_hash)
-
     def block_table(self, request_id: str) -> list[int]:
         """The request's blocks, in order (the list itself: do not modify)."""
         return self._seqs[request_id].block_ids

@@ -39,9 +39,6 @@ class PagedKVEngine(Engine):
             return {}
         return {h: "device" if held else None for h, held in self._pool.drain_changes().items()}
 
-    def residency_snapshot(self) -> dict[int, str]:
-        return {} if self._pool is None else dict.fromkeys(self._pool.cached_hashes(), "device")
-
     @property
     def pool(self) -> BlockPool:
         if self._pool is None:

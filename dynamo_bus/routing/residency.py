@@ -40,16 +40,15 @@ from dynamo_bus.bus.connection import Bus
 from dynamo_bus.bus.messages import (
     RESIDENCY_BATCH,
     RESIDENCY_SNAPSHOT,
-    TIERS,
     ResidencyBatch,
     ResidencySnapshot,
     pack_hashes,
     unpack_hashes,
 )
+from dynamo_bus.routing.kv_index import TIER_RANK
 
 log = logging.getLogger(__name__)
 
-TIER_INDEX = {t: i for i, t in enumerate(TIERS)}
 MAX_BATCH = 30_000  # hashes (stored and removed together) per batch: ~360 KB of JSON,
                     # well under NATS' default 1 MB payload limit
 
@@ -176,7 +175,7 @@ class ResidencyPublisher:
                 if h in held:
                     removed.append(h)
             else:
-                t = TIER_INDEX[tier]
+                t = TIER_RANK[tier]
                 if held.get(h) != t:
                     stored.append(h)
                     tiers.append(t)
