@@ -35,6 +35,7 @@ from dynamo_bus.routing.router import Router
 from dynamo_bus.serving.frontend import make_app, start_http
 from dynamo_bus.serving.requester import Requester
 from dynamo_bus.serving.service import CompletionService
+from dynamo_bus.worker.outbox import Outbox
 from dynamo_bus.worker.runtime import Worker
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,9 @@ class Roles:
         model = self.model()
         new = []
         # The workers of one process share a connection: publishes from all of them go
-        # out in the same socket writes.
+        # out in the same socket writes, their token chunks in the same batches.
         bus = await self._bus("workers") if count else None
+        outbox = Outbox(bus.nc) if bus is not None else None
         tokenizer = tokenizer_digest(model)
         for i in range(count):
             base = self.cfg.worker_id or f"{self.cfg.engine}-{uuid.uuid4().hex[:8]}"
@@ -96,7 +98,7 @@ class Roles:
             await engine.start()
             assert bus is not None
             worker = Worker(bus, engine, self.cfg, worker_id=wid, model=self.model_name,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, outbox=outbox)
             await worker.start()
 
             async def _stop(worker: Worker = worker) -> None:

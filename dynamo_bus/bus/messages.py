@@ -77,6 +77,11 @@ class Request(msgspec.Struct, omit_defaults=True):
     ``reply_to`` is a core NATS subject on which the worker streams ``Chunk`` and
     ``Error`` messages; ``request_id`` is also the JetStream de-duplication id, so a
     publisher that retries never creates a second request.
+
+    ``batch_to``, when set, is a subject the requester also reads that takes
+    ``ChunkBatch`` messages: the worker then sends this request's chunks there, in one
+    message per engine step with those of every other request naming the same
+    subject. A plain publisher leaves it empty and gets one message per chunk.
     """
 
     request_id: str
@@ -91,6 +96,7 @@ class Request(msgspec.Struct, omit_defaults=True):
     # False: the requester wants only the whole answer, so the worker sends one chunk
     # when it starts (naming itself) and one when it finishes, not one per step.
     stream: bool = True
+    batch_to: str = ""
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -134,6 +140,37 @@ class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
 
 
 Response = Chunk | Error
+
+
+class ChunkBatch(msgspec.Struct, tag="batch", tag_field="type", omit_defaults=True):
+    """The chunks and errors of several requests that name the same
+    ``Request.batch_to``, sent together (what one engine step produced for them), in
+    the order they were produced. Built by :func:`join_responses`."""
+
+    items: list[Chunk | Error]
+    v: int = 1
+
+
+Delivery = Chunk | Error | ChunkBatch  # what arrives on a requester's subscription
+
+_BATCH_OPEN, _BATCH_CLOSE = b'{"type":"batch","items":[', b"]}"
+
+
+def unbatch(delivery: Delivery) -> list[Response]:
+    """The chunks and errors a message holds, each checked like a message of its own."""
+    if not isinstance(delivery, ChunkBatch):
+        return [delivery]
+    for item in delivery.items:
+        if item.v > SCHEMA_VERSION:
+            raise ProtocolError(f"{type(item).__name__} in a batch has schema version "
+                                f"{item.v}; this build reads up to {SCHEMA_VERSION}")
+    return delivery.items
+
+
+def join_responses(encoded: list[bytes]) -> bytes:
+    """One ``ChunkBatch`` message holding already encoded ``Chunk``/``Error`` messages
+    (spliced, not encoded again)."""
+    return b"".join((_BATCH_OPEN, b",".join(encoded), _BATCH_CLOSE))
 
 
 class Resend(msgspec.Struct, omit_defaults=True):
@@ -302,7 +339,7 @@ class Codec(Generic[T]):
 
 
 REQUEST: Codec[Request] = Codec(Request)
-RESPONSE: Codec[Response] = Codec(Response)
+RESPONSE: Codec[Delivery] = Codec(Delivery)
 CANCEL: Codec[Cancel] = Codec(Cancel)
 RESEND: Codec[Resend] = Codec(Resend)
 RESEND_ACK: Codec[ResendAck] = Codec(ResendAck)

@@ -95,6 +95,11 @@ class Names:
     def response_subject(self, client_id: str, request_id: str) -> str:
         return f"dyn.{self._ns}.resp.{client_id}.{request_id}"
 
+    def response_batch_subject(self, client_id: str) -> str:
+        """Where workers send the chunks of this client's requests together
+        (``Request.batch_to``); under :meth:`response_subjects` like the rest."""
+        return f"dyn.{self._ns}.resp.{client_id}.batch"
+
     def response_subjects(self, client_id: str) -> str:
         return f"dyn.{self._ns}.resp.{client_id}.>"
 
@@ -148,6 +153,7 @@ class Names:
             "work_subject": self.work_subject("W").replace(".W", ".<worker_id>"),
             "worker_consumer": self.worker_consumer("W").replace("-W", "-<worker_id>"),
             "response_subject": self.response_subject("<client_id>", "<request_id>"),
+            "response_batch_subject": self.response_batch_subject("<client_id>"),
             "cancel_subject": self.cancel_subject,
             "resend_subject": self.resend_subject,
             "workers_bucket": self.workers_bucket,

@@ -1,7 +1,9 @@
 """The submitting side of the bus, shared by the HTTP frontend and the NATS client.
 
 One subscription per process (``dyn.<ns>.resp.<client_id>.>``) carries the token
-streams of every request it submitted; they are demultiplexed here by request id into
+streams of every request it submitted (each request names the batch subject under it
+as ``batch_to``, so a worker sends what one engine step produced for all of them as
+one message); they are demultiplexed here by request id into
 :class:`~dynamo_bus.serving.stream.TokenStream`, which checks every chunk's position.
 A request's stream ends with a chunk carrying ``finish_reason``, or an error. It also
 ends with a 503 when the worker running it leaves the registry or is restarted (a new
@@ -36,7 +38,9 @@ from dynamo_bus.bus.messages import (
     Request,
     Resend,
     ResendAck,
+    Response,
     now_ns,
+    unbatch,
 )
 from dynamo_bus.bus.recent import RecentIds
 from dynamo_bus.bus.registry import Registry
@@ -98,6 +102,7 @@ class Requester:
             raise NoWorker(f"no live worker serves model {request.model!r}")
         names = self.bus.names
         request.reply_to = names.response_subject(self.client_id, request.request_id)
+        request.batch_to = names.response_batch_subject(self.client_id)
         request.created_ns = request.created_ns or now_ns()
         stream = TokenStream(self, request, timeout or self.timeout)
         self._streams[request.request_id] = stream
@@ -133,10 +138,14 @@ class Requester:
 
     async def _on_response(self, msg: Msg) -> None:
         try:
-            resp = RESPONSE.decode(msg.data)
+            responses = unbatch(RESPONSE.decode(msg.data))
         except ProtocolError as exc:
             log.warning("dropping response: %s", exc)
             return
+        for resp in responses:
+            await self._deliver(resp)
+
+    async def _deliver(self, resp: Response) -> None:
         stream = self._streams.get(resp.request_id)
         if stream is not None:
             stream._push(resp)

@@ -56,6 +56,7 @@ from dynamo_bus.engines.base import Engine, EngineRequest
 from dynamo_bus.errors import DynamoBusError, ProtocolError
 from dynamo_bus.routing.kv_index import residency_instance
 from dynamo_bus.routing.residency import ResidencyPublisher
+from dynamo_bus.worker.outbox import Outbox
 from dynamo_bus.worker.sent import SentLog
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 
 class Worker:
     def __init__(self, bus: Bus, engine: Engine, cfg: Config, *, worker_id: str,
-                 model: str, tokenizer: str = "") -> None:
+                 model: str, tokenizer: str = "", outbox: Outbox | None = None) -> None:
         self.bus = bus
         self.engine = engine
         self.cfg = cfg
@@ -86,6 +87,8 @@ class Worker:
         self._started_at = time.time()
         self.incarnation = uuid.uuid4().hex[:16]
         self._sent = SentLog()
+        # Shared with the other workers on ``bus`` when the caller passes one.
+        self._outbox = outbox if outbox is not None else Outbox(bus.nc)
         # Token ids, hence block hashes, depend on the tokenizer: part of the fingerprint.
         self.fingerprint = msgspec.structs.replace(engine.fingerprint, tokenizer=tokenizer)
         self.residency = (ResidencyPublisher(bus, engine, worker_id,
@@ -147,6 +150,7 @@ class Worker:
         await self._consumer.drain_remaining()
         log.debug("drain %s: queue handed back", self.worker_id)
         await self._consumer.close(timeout=5.0)
+        await self._outbox.close()
         await self._stop_background()
         if self.residency is not None:
             await self.residency.stop()
@@ -277,6 +281,7 @@ class Worker:
             self._sent.close(rid)
             self._done.add(rid)
             self._load_dirty.set()
+            await self._outbox.flush()  # the answer's end leaves before the ack
             with contextlib.suppress(Exception):
                 await msg.ack()
 
@@ -316,26 +321,32 @@ class Worker:
                                         completion_tokens=index, cached_tokens=cached)
                 await self._send(req, chunk)
         except DynamoBusError as exc:
-            await self._send_error(req.reply_to, rid, exc.message, exc.status, exc.code)
+            await self._send_error(req, exc.message, exc.status, exc.code)
         except Exception as exc:
             log.exception("engine failed on request %s", rid)
-            await self._send_error(req.reply_to, rid, f"engine error: {exc}", 500)
+            await self._send_error(req, f"engine error: {exc}", 500)
         finally:
             await gen.aclose()
 
     async def _send(self, req: Request, chunk: Chunk) -> None:
         data = RESPONSE.encode(chunk)
-        self._sent.add(req.request_id, chunk.index, len(chunk.token_ids), data)
         # Kept in the log even when the publish fails: a requester asks for it again.
-        with contextlib.suppress(Exception):
-            await self.bus.nc.publish(req.reply_to, data)
+        self._sent.add(req.request_id, chunk.index, len(chunk.token_ids), data)
+        await self._publish(req, data)
 
-    async def _send_error(self, reply_to: str, rid: str, message: str, status: int,
+    async def _send_error(self, req: Request, message: str, status: int,
                           code: str = "internal_error") -> None:
+        rid = req.request_id
         data = RESPONSE.encode(Error(request_id=rid, status=status, message=message, code=code))
         self._sent.add(rid, 0, -1, data)
+        await self._publish(req, data)
+
+    async def _publish(self, req: Request, data: bytes) -> None:
+        if req.batch_to:  # with the other chunks of this engine step for that requester
+            self._outbox.put(req.batch_to, data)
+            return
         with contextlib.suppress(Exception):
-            await self.bus.nc.publish(reply_to, data)
+            await self.bus.nc.publish(req.reply_to, data)
 
     async def _fail(self, rid: str, message: str, status: int,
                     code: str = "worker_shutdown") -> None:
@@ -346,7 +357,7 @@ class Worker:
             req = REQUEST.decode(msg.data)
             self._cancelled.add(rid)
             await self.engine.abort(rid)
-            await self._send_error(req.reply_to, rid, message, status, code)
+            await self._send_error(req, message, status, code)
 
     async def _hand_back(self, msg: Msg) -> None:
         """A request that reached us while draining: give it back to the routers."""

@@ -17,6 +17,7 @@ from dynamo_bus.bus.messages import (
     RESPONSE,
     Cancel,
     Chunk,
+    ChunkBatch,
     Error,
     Fingerprint,
     Load,
@@ -29,7 +30,9 @@ from dynamo_bus.bus.messages import (
     RoutingHints,
     SamplingOptions,
     Usage,
+    join_responses,
     pack_hashes,
+    unbatch,
     unpack_hashes,
 )
 from dynamo_bus.errors import ProtocolError
@@ -138,3 +141,26 @@ def test_block_hashes_pack_into_8_byte_little_endian_words() -> None:
     assert list(unpack_hashes(packed)) == hashes
     with pytest.raises(ProtocolError, match="8-byte"):
         unpack_hashes(b"\x00" * 12)
+
+
+def test_a_batch_spliced_from_encoded_chunks_reads_as_those_chunks() -> None:
+    items = [Chunk(request_id="a", index=0, token_ids=[], worker_id="w", incarnation="i"),
+             Chunk(request_id="b", index=3, token_ids=[7], logprobs=[-0.5]),
+             Error(request_id="c", status=503, message="gone", code="worker_lost"),
+             Chunk(request_id="a", index=0, token_ids=[1, 2], finish_reason="stop",
+                   usage=Usage(prompt_tokens=4, completion_tokens=2))]
+    data = join_responses([RESPONSE.encode(item) for item in items])
+    batch = RESPONSE.decode(data)
+    assert batch == ChunkBatch(items=items)
+    assert unbatch(batch) == items
+    # Encoded by msgspec or spliced: the same bytes.
+    assert data == RESPONSE.encode(ChunkBatch(items=items))
+    lone = RESPONSE.decode(RESPONSE.encode(items[1]))
+    assert unbatch(lone) == [items[1]]
+
+
+def test_a_newer_chunk_inside_a_batch_is_refused_clearly() -> None:
+    newer = b'{"type":"chunk","request_id":"a","index":0,"token_ids":[1],"v":7}'
+    batch = RESPONSE.decode(join_responses([RESPONSE.encode(Chunk("b", 0, [2])), newer]))
+    with pytest.raises(ProtocolError, match="schema version 7"):
+        unbatch(batch)
