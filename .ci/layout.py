@@ -12,6 +12,7 @@ from pathlib import Path
 LAYERS = [
     {"errors", "config", "hashing", "loop"},
     {"bus", "models"},
+    {"kvbm"},
     {"routing", "engines"},
     {"worker", "serving"},
     {"traces"},

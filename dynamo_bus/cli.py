@@ -81,6 +81,10 @@ _HELP = {
     "kv_cache_gib": "reference engine: KV cache size in GiB when --num-blocks is 0",
     "cuda_graphs": "reference engine on CUDA: replay decode steps from captured CUDA graphs "
                    "(false: every step eager)",
+    "kvbm_host_gib": "KV block manager: GiB of host memory per worker for the blocks its "
+                     "device pool evicts (G2); 0: no host tier",
+    "kvbm_policy": "KV block manager: what each tier evicts first, lru or lfu (least "
+                   "frequently used, with aging)",
     "log_level": "debug, info, warning or error",
 }
 

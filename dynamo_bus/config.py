@@ -61,6 +61,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     threads: int = 0                     # reference on CPU: torch threads; 0: every core
     kv_cache_gib: float = 1.0            # reference: KV cache size when num_blocks is 0
     cuda_graphs: bool = True             # reference on CUDA: decode steps from CUDA graphs
+    # KV block manager: tiers under each worker's device pool
+    kvbm_host_gib: float = 2.0           # G2 host-memory tier per worker; 0: off
+    kvbm_policy: str = "lru"             # eviction in every tier: lru, lfu
     # logging
     log_level: str = "info"
 

@@ -246,6 +246,10 @@ class Load(msgspec.Struct, omit_defaults=True):
     total_blocks: int = 0
     at: float = 0.0
     v: int = 1
+    # Blocks held per tier of the KV block manager and each tier's capacity, by tier
+    # name (device: cached and active blocks of the pool; host: G2).
+    tier_blocks: dict[str, int] = {}
+    tier_capacity: dict[str, int] = {}
 
 
 Tier = Literal["device", "host", "disk"]

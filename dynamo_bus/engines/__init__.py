@@ -17,6 +17,7 @@ from dynamo_bus.engines.base import (
     KVLayout,
 )
 from dynamo_bus.errors import ConfigError
+from dynamo_bus.kvbm.policy import POLICIES
 from dynamo_bus.models.modeldir import ModelDir
 
 __all__ = ["ENGINES", "Engine", "EngineLoad", "EngineOutput", "EngineRequest", "KVBlocks",
@@ -24,13 +25,15 @@ __all__ = ["ENGINES", "Engine", "EngineLoad", "EngineOutput", "EngineRequest", "
 
 
 def _mock(cfg: Config, model: ModelDir, name: str) -> Engine:
-    from dynamo_bus.engines.mock import MockEngine
+    from dynamo_bus.engines.mock import KV_BYTES_PER_TOKEN, MockEngine
 
+    host_blocks = int(cfg.kvbm_host_gib * 2**30) // (KV_BYTES_PER_TOKEN * cfg.block_size)
     return MockEngine(name, vocab_size=model.vocab_size, eos_token_ids=model.eos_token_ids,
                       context_length=model.context_length, block_size=cfg.block_size,
                       num_blocks=cfg.num_blocks or 16384, max_num_seqs=cfg.max_concurrency,
                       max_num_batched_tokens=cfg.max_batched_tokens or 8192,
-                      speedup=cfg.mock_speedup)
+                      speedup=cfg.mock_speedup, host_blocks=host_blocks,
+                      kv_policy=cfg.kvbm_policy)
 
 
 def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
@@ -45,7 +48,8 @@ def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
                                num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
                                max_num_seqs=cfg.max_concurrency,
                                max_num_batched_tokens=cfg.max_batched_tokens or 1024,
-                               cuda_graphs=cfg.cuda_graphs)
+                               cuda_graphs=cfg.cuda_graphs, host_gib=cfg.kvbm_host_gib,
+                               kv_policy=cfg.kvbm_policy)
     except (ValueError, NotImplementedError) as exc:
         raise ConfigError(f"reference engine: {exc}") from exc
 
@@ -61,4 +65,9 @@ def make_engine(cfg: Config, model: ModelDir, name: str) -> Engine:
     except KeyError:
         raise ConfigError(f"unknown engine {cfg.engine!r}; one of {sorted(ENGINES)} "
                           "(flag --engine, env DYNAMO_BUS_ENGINE)") from None
+    if cfg.kvbm_policy not in POLICIES:
+        raise ConfigError(f"unknown eviction policy {cfg.kvbm_policy!r}; one of "
+                          f"{', '.join(POLICIES)} (flag --kvbm-policy, env DYNAMO_BUS_KVBM_POLICY)")
+    if cfg.kvbm_host_gib < 0:
+        raise ConfigError("--kvbm-host-gib must be >= 0 (0: no host tier)")
     return factory(cfg, model, name)

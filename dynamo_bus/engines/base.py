@@ -92,6 +92,8 @@ class EngineLoad(msgspec.Struct):
     active_prefill_tokens: int = 0
     active_blocks: int = 0
     total_blocks: int = 0
+    tier_blocks: dict[str, int] = {}    # blocks held per KV tier (device, host, ...)
+    tier_capacity: dict[str, int] = {}  # and what each tier can hold
 
 
 class Engine(abc.ABC):

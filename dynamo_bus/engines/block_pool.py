@@ -18,6 +18,10 @@ indexed, and the duplicate simply returns to the empty list when freed.
 Once ``drain_changes()`` has been called, the pool records which hashes became findable
 or stopped being findable since the previous call: what a worker publishes to the
 residency bucket, so routers know which prefixes it holds.
+
+Once ``record_evictions()`` has been called, the pool also lists the cached blocks it
+evicted (``take_evicted()``): their KV is still intact until the next step writes the
+blocks' new owners, so a KV block manager below the pool copies them out first.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class BlockPool:
         # hash -> findable now? (the latest word since the previous drain); None until
         # somebody drains, so a pool nobody publishes keeps no log.
         self._changes: dict[int, bool] | None = None
+        self._evicted: list[tuple[int, int]] | None = None  # (hash, block id)
 
     # -- counters ---------------------------------------------------------------------
 
@@ -154,6 +159,8 @@ class BlockPool:
             del self._by_hash[block.hash]  # type: ignore[arg-type]
             if self._changes is not None:
                 self._changes[block.hash] = False  # type: ignore[index]
+            if self._evicted is not None:
+                self._evicted.append((block.hash, block_id))  # type: ignore[arg-type]
             block.hash = None
         self._blocks[block_id].ref_count = 1
         return block_id
@@ -184,6 +191,23 @@ class BlockPool:
             return dict.fromkeys(self._by_hash, True)
         changes, self._changes = self._changes, {}
         return changes
+
+    def record_evictions(self) -> None:
+        """From now on, list the cached blocks evicted (see ``take_evicted``)."""
+        if self._evicted is None:
+            self._evicted = []
+
+    def take_evicted(self) -> list[tuple[int, int]]:
+        """``(hash, block_id)`` of each cached block evicted since the last call, in
+        order; a block's KV stays readable until the next step writes it."""
+        if not self._evicted:
+            return []
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def holds(self, block_hash: int) -> bool:
+        """Whether a computed block with this hash is findable here."""
+        return block_hash in self._by_hash
 
     def block_table(self, request_id: str) -> list[int]:
         """The request's blocks, in order (the list itself: do not modify)."""

@@ -9,6 +9,11 @@ prompt tokens it computes plus ``decode(u)`` when it decodes, u being the decodi
 requests' context lengths over the pool's capacity in tokens (as Dynamo's mocker).
 Mixed steps pay both terms.
 
+With a host tier (G2) the mock keeps its bookkeeping (which blocks it holds) but no KV
+data: copying a prefix back from it takes ``blocks x block bytes / host_bandwidth``,
+divided by ``speedup``, for the request that waits for it (other requests' steps go on),
+and copying evicted blocks out costs no step time (a copy engine does it on a GPU).
+
 Output tokens are pseudo-random ids in ``[0, vocab_size)`` fixed by (prompt, seed), or by
 (prompt, request id) without a seed, or by the prompt alone at temperature 0. The mock
 never emits an ``eos_token_ids`` id by itself, so only ``max_tokens`` ("length") or a
@@ -30,6 +35,9 @@ from dynamo_bus.engines.scheduler import BatchingEngine
 from dynamo_bus.engines.sequence import Sampled, Seq
 
 _MIN_SLEEP_S = 1e-3  # asyncio cannot sleep less than this with any accuracy
+# Host tier -> device copies: pinned host to device memory measured on an H200 (DESIGN.md).
+HOST_BANDWIDTH = 51 * 2**30
+KV_BYTES_PER_TOKEN = 23040  # SmolLM2-135M in bfloat16 (DESIGN.md)
 _MAX_LAG_S = 2e-3    # how much oversleep later steps may win back
 
 
@@ -78,8 +86,9 @@ class MockEngine(BatchingEngine):
     def __init__(self, model: str, *, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
                  context_length: int = 8192, block_size: int = 16, num_blocks: int = 16384,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 speedup: float = 1.0, kv_bytes_per_token: int = 23040,
-                 clock: Clock | None = None) -> None:
+                 speedup: float = 1.0, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN,
+                 clock: Clock | None = None, host_blocks: int = 0,
+                 host_bandwidth: float = HOST_BANDWIDTH, kv_policy: str = "lru") -> None:
         excluded = sorted({e for e in eos_token_ids if 0 <= e < vocab_size})
         if vocab_size - len(excluded) < 1:
             raise ValueError("vocab_size must leave at least one non-EOS token")
@@ -88,8 +97,10 @@ class MockEngine(BatchingEngine):
         super().__init__(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids,
                          context_length=context_length, block_size=block_size,
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens)
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         host_blocks=host_blocks, kv_policy=kv_policy)
         self.speedup = speedup
+        self.host_bandwidth = host_bandwidth
         self.kv_bytes_per_token = kv_bytes_per_token
         self.clock: Clock = clock if clock is not None else AsyncioClock()
         self._excluded = np.asarray(excluded, dtype=np.int64)
@@ -136,6 +147,10 @@ class MockEngine(BatchingEngine):
             for seq, n in prefills]
         out += [seq.state[seq.num_output] for seq in decodes]
         return out
+
+    async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
+        nbytes = len(block_ids) * self.block_size * self.kv_bytes_per_token
+        await self.clock.sleep(nbytes / self.host_bandwidth / self.speedup)
 
     def _step_seconds(self, prefills: list[tuple[Seq, int]], decodes: list[Seq]) -> float:
         ms = prefill_ms(sum(n for _, n in prefills)) if prefills else 0.0

@@ -2,9 +2,12 @@
 
 Owns :class:`PagedKVEngine`: the pool (created by the subclass when it starts), the step
 lock that keeps KV reads and writes out of a running step, the residency reports the
-worker publishes for KV-aware routers, and whole-block KV export/import (the interface
-disaggregation uses). A subclass says how its blocks are laid out, read and written; the
-batching scheduler (:mod:`dynamo_bus.engines.scheduler`) is the one subclass here.
+worker publishes for KV-aware routers, whole-block KV export/import (the interface
+disaggregation uses), and the tiers of the KV block manager below the pool
+(:mod:`dynamo_bus.kvbm`): blocks the pool evicts are copied to the host tier (G2)
+before a step overwrites them, and a prefix found there is copied back (onboarded)
+instead of recomputed. A subclass says how its blocks are laid out, read and written;
+the batching scheduler (:mod:`dynamo_bus.engines.scheduler`) is the one subclass here.
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ from typing import Any
 
 from dynamo_bus.engines.base import Engine, KVBlocks, KVLayout
 from dynamo_bus.engines.block_pool import BlockPool
+from dynamo_bus.kvbm.host import HostTier
+from dynamo_bus.kvbm.policy import make_policy
 
 
 class PagedKVEngine(Engine):
     """An engine whose KV blocks are the pool's blocks; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, host_blocks: int = 0, kv_policy: str = "lru") -> None:
+        make_policy(kv_policy)  # an unknown name fails here, not at start
         self._pool: BlockPool | None = None
         self._step_lock = asyncio.Lock()    # held while a step runs
+        self.host_blocks = host_blocks      # G2 size; 0: no host tier
+        self.kv_policy = kv_policy
+        self.host: HostTier | None = None
 
     def _kv_layout(self) -> KVLayout:
         raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
@@ -34,10 +43,67 @@ class PagedKVEngine(Engine):
         """Store ``data`` (``[len(block_ids), ...]`` in layout order) into these blocks."""
         raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
 
+    def _host_block_shape(self) -> tuple[tuple[int, ...], Any] | None:
+        """(one block's shape in the export layout, its dtype) for a host tier that
+        holds KV data; None for one that keeps bookkeeping only (no KV data here)."""
+        return None
+
+    def _start_tiers(self, pool: BlockPool) -> None:
+        """Called once the pool exists: build the host tier, if one is configured."""
+        self._pool = pool
+        if self.host_blocks > 0:
+            shape = self._host_block_shape()
+            block_shape, dtype = shape if shape is not None else (None, None)
+            self.host = HostTier(self.host_blocks, policy=make_policy(self.kv_policy),
+                                 block_shape=block_shape, dtype=dtype, pin=self._pin_host())
+            pool.record_evictions()
+
+    def _pin_host(self) -> bool:
+        return False
+
+    def _offload(self) -> None:
+        """Copy the blocks the pool just evicted to the host tier. Runs between
+        ``_schedule`` (which evicts) and the step that overwrites them."""
+        evicted = self.pool.take_evicted()
+        host = self.host
+        if not evicted or host is None:
+            return
+        fresh = [(h, b) for h, b in evicted if h not in host]
+        data = self._read_blocks([b for _, b in fresh]) if fresh and host.data is not None else None
+        host.put([h for h, _ in fresh], data)
+        for h, _ in evicted:
+            if h in host:
+                host.policy.touch(h)
+
+    async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
+        """Copy the host tier's ``slots`` (pinned there meanwhile) into the pool's
+        ``block_ids``, off the event loop: other requests' steps go on meanwhile (the
+        blocks belong to a request the scheduler does not run until this returns)."""
+        host = self.host
+        assert host is not None
+        if host.data is None:
+            return
+        data = host.data
+
+        def copy() -> None:
+            import torch
+
+            self._write_blocks(block_ids, data.index_select(0, torch.tensor(slots)))
+
+        await asyncio.to_thread(copy)
+
     def residency_changes(self) -> dict[int, str | None]:
-        if self._pool is None:
+        """Each block whose fastest tier changed, with that tier (None: gone)."""
+        pool = self._pool
+        if pool is None:
             return {}
-        return {h: "device" if held else None for h, held in self._pool.drain_changes().items()}
+        host = self.host
+        if host is None:
+            return {h: "device" if held else None for h, held in pool.drain_changes().items()}
+        changed = pool.drain_changes()
+        changed.update(host.drain_changes())
+        return {h: "device" if pool.holds(h) else "host" if h in host else None
+                for h in changed}
 
     @property
     def pool(self) -> BlockPool:
@@ -58,6 +124,7 @@ class PagedKVEngine(Engine):
             raise ValueError(f"KV layout {blocks.layout} does not match this engine's {layout}")
         async with self._step_lock:  # a block freed mid-step may still be written by it
             taken = self.pool.insert_cached(blocks.hashes)
+            self._offload()  # what that evicted, before it is overwritten
             if taken:
                 self._write_blocks([b for _, b in taken], blocks.data[[i for i, _ in taken]])
         return len(taken)

@@ -11,7 +11,11 @@ tokens themselves (``reference``) or pretend to (``mock``).
   pool allow; admission reuses cached prefix blocks (prefix caching keyed by the chained
   block hashes of :mod:`dynamo_bus.hashing`);
 * when a decoding request needs a block and none is free, the newest running request is
-  preempted (its blocks freed; it re-prefills later, usually from the prefix cache).
+  preempted (its blocks freed; it re-prefills later, usually from the prefix cache);
+* with a host tier (G2, :mod:`dynamo_bus.kvbm`), the blocks a step's planning evicted
+  are copied there before the step runs, and an admitted request whose prefix goes on
+  in G2 past what the pool holds waits, out of the steps, while those blocks are
+  copied back; then it prefills only the rest.
 
 A subclass only says how a step is executed: :meth:`BatchingEngine._execute` gets the
 step's prefill chunks and decode tokens and returns one :class:`Sampled` token for every
@@ -49,11 +53,12 @@ class BatchingEngine(PagedKVEngine):
 
     def __init__(self, model: str, *, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
                  context_length: int = 8192, block_size: int = 16, num_blocks: int = 16384,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192) -> None:
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 host_blocks: int = 0, kv_policy: str = "lru") -> None:
         if min(context_length, block_size, num_blocks, max_num_seqs,
                max_num_batched_tokens, vocab_size) < 1:
             raise ValueError("sizes must be positive")
-        super().__init__()
+        super().__init__(host_blocks=host_blocks, kv_policy=kv_policy)
         self.model = model
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -115,7 +120,7 @@ class BatchingEngine(PagedKVEngine):
         if self._task is not None:
             return
         await self._load()
-        self._pool = BlockPool(self.num_blocks, self.block_size)
+        self._start_tiers(BlockPool(self.num_blocks, self.block_size))
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-engine-{self.model}")
 
     async def stop(self) -> None:
@@ -140,11 +145,17 @@ class BatchingEngine(PagedKVEngine):
         prefill = sum(s.prefill_target - s.num_computed for s in self._running.values()
                       if s.prefilling)
         prefill += sum(len(s.tokens) for s in self._waiting)
+        tiers, capacity = {}, {}
+        if pool is not None:
+            tiers["device"], capacity["device"] = pool.num_active + pool.num_cached, self.num_blocks
+        if self.host is not None:
+            tiers["host"], capacity["host"] = len(self.host), self.host.capacity
         return EngineLoad(active_requests=len(self._running),
                           waiting_requests=len(self._waiting),
                           active_prefill_tokens=prefill,
                           active_blocks=pool.num_active if pool else 0,
-                          total_blocks=self.num_blocks)
+                          total_blocks=self.num_blocks, tier_blocks=tiers,
+                          tier_capacity=capacity)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         seq = self._accept(request)
@@ -198,6 +209,7 @@ class BatchingEngine(PagedKVEngine):
                     await self._wakeup.wait()
                     self._on_idle_wakeup()
                     continue
+                self._offload()  # what planning evicted, before the step overwrites it
                 async with self._step_lock:
                     results = await self._execute(prefills, decodes)
                     self._complete(prefills, decodes, results)
@@ -214,7 +226,7 @@ class BatchingEngine(PagedKVEngine):
         for seq in list(self._running.values()):
             if budget == 0:
                 break
-            if not seq.running:  # preempted earlier in this loop
+            if not seq.running or seq.onboarding is not None:  # preempted; or waits for KV
                 continue
             if seq.prefilling:
                 n = min(seq.prefill_target - seq.num_computed, budget)
@@ -226,6 +238,8 @@ class BatchingEngine(PagedKVEngine):
         while (self._waiting and budget > 0 and len(self._running) < self.max_num_seqs
                and self._admit(self._waiting[0])):
             seq = self._waiting.popleft()
+            if seq.onboarding is not None:
+                continue  # runs once its prefix is copied in from the host tier
             n = min(seq.prefill_target - seq.num_computed, budget)
             prefills.append((seq, n))
             budget -= n
@@ -236,7 +250,8 @@ class BatchingEngine(PagedKVEngine):
         it if needed; False when ``seq`` itself was preempted."""
         pool = self.pool
         while not pool.may_append(seq.request_id):
-            victim = self._running[next(reversed(self._running))]
+            # The newest request, but not one whose blocks are being copied into.
+            victim = next(s for s in reversed(self._running.values()) if s.onboarding is None)
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -258,14 +273,49 @@ class BatchingEngine(PagedKVEngine):
             seq.hashes = sequence_hashes(seq.tokens, self.block_size)  # grew before preemption
         if not pool.can_allocate(pool.num_blocks_needed(len(seq.tokens), seq.hashes)):
             return False
-        _, cached = pool.allocate(seq.request_id, seq.tokens, hashes=seq.hashes)
+        block_ids, cached = pool.allocate(seq.request_id, seq.tokens, hashes=seq.hashes)
+        first = cached // self.block_size
+        onboard = 0
+        if self.host is not None:  # the prefix may go on in the host tier
+            onboard = self.host.prefix(seq.hashes[first:(len(seq.tokens) - 1) // self.block_size])
         if seq.prefill_target == 0:  # first admission: what the user is told was cached
-            seq.cached_tokens = cached
+            seq.cached_tokens = cached + onboard * self.block_size
         seq.num_computed = cached
         seq.num_in_pool = seq.prefill_target = len(seq.tokens)
         seq.running = True
         self._running[seq.request_id] = seq
+        if onboard:
+            self._begin_onboard(seq, block_ids[first:first + onboard],
+                                seq.hashes[first:first + onboard])
         return True
+
+    def _begin_onboard(self, seq: Seq, block_ids: list[int], hashes: list[int]) -> None:
+        host = self.host
+        assert host is not None
+        slots = host.pin(hashes)
+
+        async def onboard() -> None:
+            try:
+                await self._onboard_blocks(block_ids, slots)
+            except Exception:
+                log.exception("%s: copying %d blocks in from the host tier failed; "
+                              "computing them instead", self.name, len(block_ids))
+                ok = False
+            else:
+                ok = True
+            finally:
+                host.unpin(hashes)
+                seq.onboarding = None
+            if not seq.running:  # finished (aborted) meanwhile: its blocks are free now
+                self.pool.free(seq.request_id)
+            elif ok:
+                seq.num_computed += len(block_ids) * self.block_size
+                self.pool.mark_computed(seq.request_id, seq.num_computed)
+            else:
+                seq.cached_tokens = min(seq.cached_tokens, seq.num_computed)
+            self._wakeup.set()
+
+        seq.onboarding = asyncio.ensure_future(onboard())
 
     def _complete(self, prefills: list[tuple[Seq, int]], decodes: list[Seq],
                   results: list[Sampled | None]) -> None:
@@ -308,7 +358,8 @@ class BatchingEngine(PagedKVEngine):
         if seq.finish is not None:
             return
         if seq.running:
-            self.pool.free(seq.request_id)
+            if seq.onboarding is None:  # else the copy under way frees them when done
+                self.pool.free(seq.request_id)
             del self._running[seq.request_id]
             seq.running = False
         elif seq in self._waiting:

@@ -50,6 +50,7 @@ class Seq:
     pending_top: list[list[tuple[int, float]]] = field(default_factory=list)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     stream: bool = True          # wake the reader per step (False: only at the end)
+    onboarding: asyncio.Task[None] | None = None  # its prefix is being copied in (G2)
 
     @property
     def prefilling(self) -> bool:

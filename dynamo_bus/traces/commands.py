@@ -121,6 +121,14 @@ def _add_simulate(sub: typing.Any) -> None:
                      help="KV blocks per worker (default %(default)s)")
     sim.add_argument("--block-size", type=_number(int, 1), default=16,
                      help="tokens per KV block (default %(default)s)")
+    sim.add_argument("--host-blocks", type=_number(int, 0), default=0,
+                     help="KV blocks per worker in a host-memory tier below the device pool; "
+                          "0: none (default %(default)s)")
+    sim.add_argument("--host-gib-per-s", type=_number(float, 0, above=True), default=51.0,
+                     help="host tier to device copy bandwidth, GiB/s (default %(default)g, "
+                          "pinned host to device on an H200)")
+    sim.add_argument("--kv-policy", default="lru", choices=["lru", "lfu"],
+                     help="eviction policy in every tier (default %(default)s)")
     sim.add_argument("--strategy", default="kv_aware", choices=_STRATEGIES,
                      help="routing strategy: kv_aware (cached prefix + load), round_robin, "
                           "random, least_loaded (default %(default)s)")
@@ -235,7 +243,8 @@ def _simulate(args: argparse.Namespace, argv: list[str]) -> int:
                                       temperature=args.temperature),
                     max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                     engine_speedup=args.engine_speedup, arrival_speedup=args.speedup,
-                    residency_lag=args.residency_lag_ms / 1000)
+                    residency_lag=args.residency_lag_ms / 1000, host_blocks=args.host_blocks,
+                    host_bandwidth=args.host_gib_per_s * 2**30, kv_policy=args.kv_policy)
     result = simulate(trace, s)
     shown = {k: v for k, v in vars(s).items() if k != "weights"}
     shown.update(overlap_weight=s.weights.overlap_weight, temperature=s.weights.temperature)

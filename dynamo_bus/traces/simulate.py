@@ -33,7 +33,7 @@ from dynamo_bus.bus.messages import (
     SamplingOptions,
 )
 from dynamo_bus.engines.base import EngineRequest
-from dynamo_bus.engines.mock import MockEngine
+from dynamo_bus.engines.mock import HOST_BANDWIDTH, MockEngine
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
 from dynamo_bus.routing.policy import KvWeights, RoutingPolicy
 from dynamo_bus.traces.mooncake import TraceRequest, synth_tokens
@@ -118,6 +118,9 @@ class SimSettings:
     engine_speedup: float = 1.0
     arrival_speedup: float = 1.0
     residency_lag: float = 0.0        # seconds between an engine's change and the index
+    host_blocks: int = 0              # per worker: the host tier (G2) below the pool; 0: none
+    host_bandwidth: float = HOST_BANDWIDTH  # bytes/s, host tier to device
+    kv_policy: str = "lru"            # eviction in every tier
 
 
 @dataclass
@@ -151,7 +154,9 @@ def _engines(s: SimSettings) -> dict[str, MockEngine]:
                                 block_size=s.block_size, num_blocks=s.num_blocks,
                                 max_num_seqs=s.max_num_seqs,
                                 max_num_batched_tokens=s.max_batched_tokens,
-                                speedup=s.engine_speedup, clock=clock)
+                                speedup=s.engine_speedup, clock=clock,
+                                host_blocks=s.host_blocks, host_bandwidth=s.host_bandwidth,
+                                kv_policy=s.kv_policy)
             for i in range(s.workers)}
 
 

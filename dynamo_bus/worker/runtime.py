@@ -218,7 +218,8 @@ class Worker:
                         capacity=self.cfg.max_concurrency,
                         active_prefill_tokens=el.active_prefill_tokens,
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
-                        at=time.time())
+                        at=time.time(), tier_blocks=el.tier_blocks,
+                        tier_capacity=el.tier_capacity)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))

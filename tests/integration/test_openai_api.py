@@ -174,3 +174,21 @@ async def test_a_long_prompt_fits_on_the_bus_and_one_past_max_payload_is_a_413(s
             err = (await resp.json())["error"]
         assert resp.status == 413 and err["code"] == "request_too_large"
         assert "max_payload" in err["message"]
+
+
+async def test_health_shows_kv_blocks_per_tier(stack) -> None:
+    s = await stack(workers=1, kvbm_host_gib=0.5)
+    url = s.base_url.removesuffix("/v1")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(s.base_url + "/completions", json={
+                "model": MODEL, "prompt": "tiers " * 200, "max_tokens": 4}) as resp:
+            assert resp.status == 200
+        for _ in range(50):  # the load report follows within a heartbeat
+            async with http.get(url + "/health") as resp:
+                tiers = (await resp.json())["workers"][0]["kv_tiers"]
+            if tiers and tiers["device"]["blocks"] > 0:
+                break
+            await asyncio.sleep(0.1)
+    # 0.5 GiB of 16-token blocks at 23,040 bytes a token (the mock's KV size).
+    assert tiers["host"] == {"blocks": 0, "capacity": 2**29 // (23040 * 16)}
+    assert tiers["device"]["capacity"] == 16384 and tiers["device"]["blocks"] >= 12

@@ -69,7 +69,8 @@ class ReferenceEngine(BatchingEngine):
                  block_size: int = 16, num_blocks: int = 0,
                  kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 1024, seed: int | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, host_gib: float = 0.0,
+                 kv_policy: str = "lru") -> None:
         self.device = pick_device(device)
         self.dtype_name = pick_dtype(dtype, self.device)
         self.dtype = DTYPES[self.dtype_name]
@@ -85,7 +86,9 @@ class ReferenceEngine(BatchingEngine):
                          eos_token_ids=model_dir.eos_token_ids,
                          context_length=model_dir.context_length, block_size=block_size,
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens)
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         host_blocks=int(host_gib * 2**30) // (per_token * block_size),
+                         kv_policy=kv_policy)
         self._seed = seed
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: DecodeRunner | None = None
@@ -226,6 +229,13 @@ class ReferenceEngine(BatchingEngine):
             return sample(logits, options, gens, self._shared_gen)
 
     # -- KV blocks in and out ---------------------------------------------------------
+
+    def _host_block_shape(self) -> tuple[tuple[int, ...], Any]:
+        cfg = self.config
+        return (2, cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim), self.dtype
+
+    def _pin_host(self) -> bool:
+        return self.device.type == "cuda"  # page-locked: copies to the device are DMA
 
     def _kv_layout(self) -> KVLayout:
         cfg = self.config

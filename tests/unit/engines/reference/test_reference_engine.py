@@ -209,3 +209,31 @@ async def test_kv_blocks_round_trip_between_engines(engine: ReferenceEngine,
             await other.import_blocks(wrong)
     finally:
         await other.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
+        dtype: str, fp32_dir: Path, model_dir: ModelDir, tokenizer: Any,
+        expected: list[list[int]]) -> None:
+    path = fp32_dir if dtype == "float32" else model_dir.path
+    eng = ReferenceEngine(dataclasses.replace(model_dir, path=path), dtype=dtype,
+                          device="cpu", threads=2, num_blocks=9,
+                          max_num_batched_tokens=BUDGET, host_gib=0.1)
+    await eng.start()
+    try:
+        ids = tokenizer(PROMPTS[4]).input_ids
+        cold = tokens(await run(eng, req("cold", ids)))
+        prefix = sequence_hashes(ids, 16)[:(len(ids) - 1) // 16]
+        for i in (0, 1, 2, 3):  # other answers push the prefix out of the pool
+            await run(eng, req(f"other{i}", tokenizer(PROMPTS[i] * 2).input_ids))
+        assert eng.pool.lookup(prefix) == []  # none of it in the pool any more
+        host = eng.host
+        assert host is not None and all(eng.pool.holds(h) or h in host for h in prefix)
+        warm = await run(eng, req("warm", ids))
+        assert warm[0].cached_tokens == len(prefix) * 16 > 0
+        assert host.onboarded > 0
+        assert tokens(warm) == cold
+        if dtype == "float32":
+            assert cold == expected[4]
+    finally:
+        await eng.stop()

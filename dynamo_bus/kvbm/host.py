@@ -1,0 +1,141 @@
+"""G2: whole KV blocks in host memory, under an engine's device pool (G1).
+
+A block evicted from G1 is copied here instead of being lost; a request whose prefix
+G1 no longer holds but G2 does gets those blocks copied back (onboarded) instead of
+recomputed. Blocks are found by their chained sequence hash, as in G1, and live in one
+buffer allocated once (page-locked when the engine runs on CUDA, so copies to and from
+the device are DMA): ``[capacity, *block_shape]`` of the engine's KV dtype, one block
+per slot in the engine's export layout (:class:`~dynamo_bus.engines.base.KVLayout`).
+
+A tier without ``block_shape`` keeps the bookkeeping only: the simulated engine has no
+KV data, and charges transfer time from a bandwidth model instead.
+
+Like the pool, the tier records which hashes it gained or lost since the last
+``drain_changes()``: with G1's changes, that is each block's fastest tier for the
+residency the worker publishes (a block leaving G1 for G2 changes tier; it is not gone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dynamo_bus.kvbm.policy import LRU, EvictionPolicy
+
+
+class HostTier:
+    """See the module docstring. Not thread-safe: the engine's scheduler owns it."""
+
+    name = "host"
+
+    def __init__(self, capacity: int, *, policy: EvictionPolicy | None = None,
+                 block_shape: tuple[int, ...] | None = None, dtype: Any = None,
+                 pin: bool = False) -> None:
+        if capacity < 1:
+            raise ValueError("a host tier needs room for at least one block")
+        self.capacity = capacity
+        self.policy = policy if policy is not None else LRU()
+        self.data: Any = None
+        if block_shape is not None:
+            import torch
+
+            self.data = torch.empty((capacity, *block_shape), dtype=dtype, pin_memory=pin)
+        self._slot: dict[int, int] = {}
+        self._free = list(range(capacity - 1, -1, -1))
+        self._changes: dict[int, bool] | None = None
+        self._pinned: dict[int, int] = {}  # hash -> copies out under way
+        self.stored = 0    # blocks copied in, ever
+        self.evicted = 0   # blocks dropped to make room, ever
+        self.onboarded = 0  # blocks read back, ever
+
+    @property
+    def block_bytes(self) -> int:
+        if self.data is None:
+            return 0
+        return int(self.data[0].numel() * self.data.element_size())
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, block_hash: object) -> bool:
+        return block_hash in self._slot
+
+    def prefix(self, hashes: Sequence[int]) -> int:
+        """How many of the leading ``hashes`` this tier holds."""
+        n = 0
+        for h in hashes:
+            if h not in self._slot:
+                break
+            n += 1
+        return n
+
+    def put(self, hashes: Sequence[int], data: Any = None) -> list[int]:
+        """Store the blocks ``hashes`` (``data[i]`` is block ``i``; None for a tier
+        without data), evicting as the policy says, never a block named in ``hashes``.
+        Blocks already held are only touched; pinned blocks are never evicted. Returns
+        the hashes evicted."""
+        keep = set(hashes)
+        keep.update(self._pinned)
+        evicted: list[int] = []
+        src: list[int] = []
+        dst: list[int] = []
+        for i, h in enumerate(hashes):
+            if h in self._slot:
+                self.policy.touch(h)
+                continue
+            if not self._free:
+                victim = self.policy.victim(keep)
+                if victim is None:
+                    break  # everything held is part of this put
+                self._drop(victim)
+                evicted.append(victim)
+            slot = self._free.pop()
+            self._slot[h] = slot
+            self.policy.insert(h)
+            self._note(h, True)
+            src.append(i)
+            dst.append(slot)
+        if self.data is not None and dst:
+            self._copy_in(dst, data, src)
+        self.stored += len(dst)
+        self.evicted += len(evicted)
+        return evicted
+
+    def _copy_in(self, dst: list[int], data: Any, src: list[int]) -> None:
+        import torch
+
+        rows = data if len(src) == len(data) else data[torch.tensor(src)]
+        self.data.index_copy_(0, torch.tensor(dst), rows.to(self.data.device, self.data.dtype))
+
+    def pin(self, hashes: Sequence[int]) -> list[int]:
+        """The slots of the blocks ``hashes`` (all held), kept from eviction until
+        ``unpin``: for a copy out of the tier that runs while the tier takes new blocks."""
+        for h in hashes:
+            self.policy.touch(h)
+            self._pinned[h] = self._pinned.get(h, 0) + 1
+        self.onboarded += len(hashes)
+        return [self._slot[h] for h in hashes]
+
+    def unpin(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            left = self._pinned.pop(h) - 1
+            if left:
+                self._pinned[h] = left
+
+    def _drop(self, block_hash: int) -> None:
+        self._free.append(self._slot.pop(block_hash))
+        self.policy.remove(block_hash)
+        self._note(block_hash, False)
+
+    def _note(self, block_hash: int, held: bool) -> None:
+        if self._changes is not None:
+            self._changes[block_hash] = held
+
+    def drain_changes(self) -> dict[int, bool]:
+        """Hashes stored (True) or dropped (False) since the last call; the first call
+        returns every held hash and starts the log."""
+        if self._changes is None:
+            self._changes = {}
+            return dict.fromkeys(self._slot, True)
+        changes, self._changes = self._changes, {}
+        return changes

@@ -1,0 +1,169 @@
+"""The host tier under the simulated engine's pool: offload on eviction, onboarding a
+prefix instead of recomputing it, tiers in the residency, and the pool's invariants
+under random load with aborts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from dynamo_bus.bus.messages import SamplingOptions
+from dynamo_bus.engines.base import EngineOutput, EngineRequest
+from dynamo_bus.engines.mock import MockEngine
+from dynamo_bus.hashing import sequence_hashes
+from dynamo_bus.traces.simulate import VirtualClock, VirtualTimeLoop
+from tests.unit.engines.test_mock_engine import FakeClock
+
+BS = 16
+TOKEN_BYTES = 1024                     # a block is 16 KiB
+
+
+def make(clock: FakeClock | VirtualClock, *, host: bool = True, blocks: int = 8,
+         bandwidth: float = 2**20) -> MockEngine:
+    return MockEngine("m", vocab_size=32_000, clock=clock, num_blocks=blocks, block_size=BS,
+                      kv_bytes_per_token=TOKEN_BYTES, host_blocks=32 if host else 0,
+                      host_bandwidth=bandwidth)
+
+
+def req(rid: str, tokens: list[int], n: int = 4) -> EngineRequest:
+    return EngineRequest(rid, tokens, SamplingOptions(max_tokens=n, temperature=0))
+
+
+def prompt(seed: int, n: int = 96) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 30_000) for _ in range(n)]
+
+
+async def run(engine: MockEngine, r: EngineRequest) -> list[EngineOutput]:
+    return [o async for o in engine.generate(r)]
+
+
+async def test_an_evicted_prefix_comes_back_from_the_host_tier() -> None:
+    outs = {}
+    for host in (False, True):
+        eng = make(FakeClock(), host=host)
+        await eng.start()
+        try:
+            first = await run(eng, req("a", prompt(1)))
+            await run(eng, req("b", prompt(2)))  # takes the pool: a's blocks evicted
+            again = await run(eng, req("a2", prompt(1)))
+        finally:
+            await eng.stop()
+        assert [t for o in again for t in o.token_ids] == [t for o in first for t in o.token_ids]
+        outs[host] = again[0].cached_tokens
+    # 96 tokens: at most 5 blocks are reused (one token is always computed); without
+    # the host tier only what b left of a in the pool.
+    assert outs[True] == 5 * BS and outs[False] < outs[True]
+
+
+async def test_residency_names_each_blocks_fastest_tier() -> None:
+    eng = make(FakeClock())
+    await eng.start()
+    view: dict[int, str] = {}  # what a router following the changes holds
+
+    def follow() -> dict[int, str | None]:
+        changes = eng.residency_changes()
+        for h, tier in changes.items():
+            if tier is None:
+                view.pop(h, None)
+            else:
+                view[h] = tier
+        return changes
+
+    try:
+        a = sequence_hashes(prompt(1), BS)
+        follow()
+        await run(eng, req("a", prompt(1)))
+        follow()
+        assert {view.get(h) for h in a} == {"device"}
+        await run(eng, req("b", prompt(2)))
+        moved = follow()
+        assert moved and {moved[h] for h in a if h in moved} == {"host"}  # moved, not gone
+        assert {view[h] for h in a} == {"device", "host"}
+        await run(eng, req("a2", prompt(1)))
+        follow()
+        assert [view[h] for h in a[:5]] == ["device"] * 5
+        # Exactly what the engine holds, tier by tier.
+        host = eng.host
+        assert host is not None
+        held = set(eng.pool._by_hash) | set(host._slot)
+        assert view == {h: "device" if eng.pool.holds(h) else "host" for h in held}
+    finally:
+        await eng.stop()
+
+
+def test_onboarding_waits_for_the_copy_while_other_requests_step() -> None:
+    clock = VirtualClock()
+    eng = make(clock, blocks=16, bandwidth=2**19)  # 16 KiB blocks at 512 KiB/s: 31 ms each
+
+    async def body() -> tuple[int, float, float, list[float], int]:
+        await eng.start()
+        try:
+            a = sequence_hashes(prompt(1), BS)[:5]
+            for i in (1, 2, 3):  # a's blocks leave the pool for the host tier
+                await run(eng, req(f"p{i}", prompt(i)))
+            in_pool = len(eng.pool.lookup(a))
+            times: list[float] = []
+
+            async def other() -> None:
+                async for _ in eng.generate(req("d", prompt(4, 20), n=100)):
+                    times.append(clock.now())
+
+            task = asyncio.ensure_future(other())
+            await asyncio.sleep(0.05)
+            start = clock.now()
+            outs = await run(eng, req("a2", prompt(1)))
+            first_at = clock.now()
+            await task
+            return outs[0].cached_tokens, start, first_at, times, in_pool
+        finally:
+            await eng.stop()
+
+    loop = VirtualTimeLoop()
+    try:
+        cached, start, first_at, times, in_pool = loop.run_until_complete(body())
+    finally:
+        loop.close()
+    copy_s = (5 - in_pool) * BS * TOKEN_BYTES / 2**19
+    assert in_pool < 5 and cached == 5 * BS
+    assert first_at - start >= copy_s  # its first token waited for the copy
+    # The other request kept decoding while the copy ran.
+    assert sum(start < t < start + copy_s for t in times) >= 5
+
+
+async def test_pool_and_tier_stay_consistent_under_random_load_and_aborts() -> None:
+    clock = FakeClock()
+    eng = make(clock, blocks=24, bandwidth=2**24)
+    await eng.start()
+    rng = random.Random(11)
+    prefixes = [prompt(100 + i, 64) for i in range(6)]
+    expect: dict[tuple[int, ...], list[int]] = {}
+
+    async def one(i: int) -> None:
+        tokens = rng.choice(prefixes) + prompt(i, rng.randrange(1, 40))
+        r = req(f"r{i}", tokens, n=rng.randrange(1, 12))
+        got: list[int] = []
+        gen = eng.generate(r)
+        try:
+            async for o in gen:
+                got += o.token_ids
+                assert o.cached_tokens <= len(tokens) - 1
+                if rng.random() < 0.05:
+                    await eng.abort(r.request_id)
+        finally:
+            await gen.aclose()
+        if len(got) == r.sampling.max_tokens:  # finished: same prompt, same tokens
+            assert expect.setdefault(tuple(tokens), got) == got
+
+    try:
+        for wave in range(8):
+            await asyncio.gather(*(one(wave * 100 + i) for i in range(12)))
+            pool, host = eng.pool, eng.host
+            assert host is not None
+            assert pool.num_active == 0 and not host._pinned
+            assert len(host) <= host.capacity
+            assert len(set(host._slot.values())) == len(host._slot)
+            assert sorted([*host._slot.values(), *host._free]) == list(range(host.capacity))
+    finally:
+        await eng.stop()
+    assert eng.host.stored > 0 and eng.host.onboarded > 0
