@@ -83,6 +83,8 @@ _HELP = {
                    "(false: every step eager)",
     "kvbm_host_gib": "KV block manager: GiB of host memory per worker for the blocks its "
                      "device pool evicts (G2); 0: no host tier",
+    "kvbm_offload": "KV block manager: copy a block to the host tier when the device "
+                    "pool evicts it (evict) or as soon as it is computed (write-through)",
     "kvbm_policy": "KV block manager: what each tier evicts first, lru or lfu (least "
                    "frequently used, with aging)",
     "log_level": "debug, info, warning or error",

@@ -64,6 +64,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # KV block manager: tiers under each worker's device pool
     kvbm_host_gib: float = 2.0           # G2 host-memory tier per worker; 0: off
     kvbm_policy: str = "lru"             # eviction in every tier: lru, lfu
+    kvbm_offload: str = "evict"          # copy to G2 on eviction, or every block written
     # logging
     log_level: str = "info"
 

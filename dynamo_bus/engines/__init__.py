@@ -33,7 +33,7 @@ def _mock(cfg: Config, model: ModelDir, name: str) -> Engine:
                       num_blocks=cfg.num_blocks or 16384, max_num_seqs=cfg.max_concurrency,
                       max_num_batched_tokens=cfg.max_batched_tokens or 8192,
                       speedup=cfg.mock_speedup, host_blocks=host_blocks,
-                      kv_policy=cfg.kvbm_policy)
+                      kv_policy=cfg.kvbm_policy, kv_offload=cfg.kvbm_offload)
 
 
 def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
@@ -49,7 +49,7 @@ def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
                                max_num_seqs=cfg.max_concurrency,
                                max_num_batched_tokens=cfg.max_batched_tokens or 1024,
                                cuda_graphs=cfg.cuda_graphs, host_gib=cfg.kvbm_host_gib,
-                               kv_policy=cfg.kvbm_policy)
+                               kv_policy=cfg.kvbm_policy, kv_offload=cfg.kvbm_offload)
     except (ValueError, NotImplementedError) as exc:
         raise ConfigError(f"reference engine: {exc}") from exc
 
@@ -68,6 +68,9 @@ def make_engine(cfg: Config, model: ModelDir, name: str) -> Engine:
     if cfg.kvbm_policy not in POLICIES:
         raise ConfigError(f"unknown eviction policy {cfg.kvbm_policy!r}; one of "
                           f"{', '.join(POLICIES)} (flag --kvbm-policy, env DYNAMO_BUS_KVBM_POLICY)")
+    if cfg.kvbm_offload not in ("evict", "write-through"):
+        raise ConfigError(f"unknown offload mode {cfg.kvbm_offload!r}; one of evict, "
+                          "write-through (flag --kvbm-offload, env DYNAMO_BUS_KVBM_OFFLOAD)")
     if cfg.kvbm_host_gib < 0:
         raise ConfigError("--kvbm-host-gib must be >= 0 (0: no host tier)")
     return factory(cfg, model, name)

@@ -72,6 +72,7 @@ class BlockPool:
         # somebody drains, so a pool nobody publishes keeps no log.
         self._changes: dict[int, bool] | None = None
         self._evicted: list[tuple[int, int]] | None = None  # (hash, block id)
+        self._indexed: list[tuple[int, int]] | None = None  # (hash, block id)
 
     # -- counters ---------------------------------------------------------------------
 
@@ -176,6 +177,8 @@ class BlockPool:
                 self._by_hash[h] = block.block_id
                 if self._changes is not None:
                     self._changes[h] = True
+                if self._indexed is not None:
+                    self._indexed.append((h, block.block_id))
         seq.num_indexed = max(seq.num_indexed, upto)
 
     def mark_computed(self, request_id: str, num_tokens: int) -> None:
@@ -204,6 +207,20 @@ class BlockPool:
             return []
         evicted, self._evicted = self._evicted, []
         return evicted
+
+    def record_indexed(self) -> None:
+        """From now on, list the blocks a request's own steps made findable (see
+        ``take_indexed``); blocks brought in by ``insert_cached`` are not listed."""
+        if self._indexed is None:
+            self._indexed = []
+
+    def take_indexed(self) -> list[tuple[int, int]]:
+        """``(hash, block_id)`` of each block made findable since the last call; its KV
+        is complete once the step that was planned with it has run."""
+        if not self._indexed:
+            return []
+        indexed, self._indexed = self._indexed, []
+        return indexed
 
     def holds(self, block_hash: int) -> bool:
         """Whether a computed block with this hash is findable here."""

@@ -88,7 +88,8 @@ class MockEngine(BatchingEngine):
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  speedup: float = 1.0, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN,
                  clock: Clock | None = None, host_blocks: int = 0,
-                 host_bandwidth: float = HOST_BANDWIDTH, kv_policy: str = "lru") -> None:
+                 host_bandwidth: float = HOST_BANDWIDTH, kv_policy: str = "lru",
+                 kv_offload: str = "evict") -> None:
         excluded = sorted({e for e in eos_token_ids if 0 <= e < vocab_size})
         if vocab_size - len(excluded) < 1:
             raise ValueError("vocab_size must leave at least one non-EOS token")
@@ -98,7 +99,7 @@ class MockEngine(BatchingEngine):
                          context_length=context_length, block_size=block_size,
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
-                         host_blocks=host_blocks, kv_policy=kv_policy)
+                         host_blocks=host_blocks, kv_policy=kv_policy, kv_offload=kv_offload)
         self.speedup = speedup
         self.host_bandwidth = host_bandwidth
         self.kv_bytes_per_token = kv_bytes_per_token

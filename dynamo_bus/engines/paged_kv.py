@@ -20,12 +20,19 @@ from dynamo_bus.engines.block_pool import BlockPool
 from dynamo_bus.kvbm.host import HostTier
 from dynamo_bus.kvbm.policy import make_policy
 
+OFFLOAD_MODES = ("evict", "write-through")  # when a block is copied to the host tier
+
 
 class PagedKVEngine(Engine):
     """An engine whose KV blocks are the pool's blocks; see the module docstring."""
 
-    def __init__(self, *, host_blocks: int = 0, kv_policy: str = "lru") -> None:
+    def __init__(self, *, host_blocks: int = 0, kv_policy: str = "lru",
+                 kv_offload: str = "evict") -> None:
         make_policy(kv_policy)  # an unknown name fails here, not at start
+        if kv_offload not in OFFLOAD_MODES:
+            raise ValueError(f"unknown offload mode {kv_offload!r}; choose from "
+                             f"{', '.join(OFFLOAD_MODES)}")
+        self.kv_offload = kv_offload
         self._pool: BlockPool | None = None
         self._step_lock = asyncio.Lock()    # held while a step runs
         self.host_blocks = host_blocks      # G2 size; 0: no host tier
@@ -57,6 +64,8 @@ class PagedKVEngine(Engine):
             self.host = HostTier(self.host_blocks, policy=make_policy(self.kv_policy),
                                  block_shape=block_shape, dtype=dtype, pin=self._pin_host())
             pool.record_evictions()
+            if self.kv_offload == "write-through":
+                pool.record_indexed()
 
     def _pin_host(self) -> bool:
         return False
@@ -65,13 +74,22 @@ class PagedKVEngine(Engine):
         """Copy the blocks the pool just evicted to the host tier. Runs between
         ``_schedule`` (which evicts) and the step that overwrites them."""
         evicted = self.pool.take_evicted()
+        if evicted and self.host is not None:
+            self._copy_out(evicted)
+
+    def _write_through(self) -> None:
+        """``--kvbm-offload write-through``: copy every block a step completed to the
+        host tier now, so evicting it later costs no copy. Runs after the step."""
+        if self.host is not None and self.kv_offload == "write-through":
+            self._copy_out(self.pool.take_indexed())
+
+    def _copy_out(self, blocks: list[tuple[int, int]]) -> None:
         host = self.host
-        if not evicted or host is None:
-            return
-        fresh = [(h, b) for h, b in evicted if h not in host]
+        assert host is not None
+        fresh = [(h, b) for h, b in blocks if h not in host]
         data = self._read_blocks([b for _, b in fresh]) if fresh and host.data is not None else None
         host.put([h for h, _ in fresh], data)
-        for h, _ in evicted:
+        for h, _ in blocks:
             if h in host:
                 host.policy.touch(h)
 

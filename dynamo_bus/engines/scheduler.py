@@ -54,11 +54,12 @@ class BatchingEngine(PagedKVEngine):
     def __init__(self, model: str, *, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
                  context_length: int = 8192, block_size: int = 16, num_blocks: int = 16384,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 host_blocks: int = 0, kv_policy: str = "lru") -> None:
+                 host_blocks: int = 0, kv_policy: str = "lru",
+                 kv_offload: str = "evict") -> None:
         if min(context_length, block_size, num_blocks, max_num_seqs,
                max_num_batched_tokens, vocab_size) < 1:
             raise ValueError("sizes must be positive")
-        super().__init__(host_blocks=host_blocks, kv_policy=kv_policy)
+        super().__init__(host_blocks=host_blocks, kv_policy=kv_policy, kv_offload=kv_offload)
         self.model = model
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -74,6 +75,7 @@ class BatchingEngine(PagedKVEngine):
         self._waiting: deque[Seq] = deque()
         self._running: dict[str, Seq] = {}  # admission order: the last is preempted first
         self._closed: str | None = None     # why new requests are refused
+        self._onboards: set[asyncio.Future[None]] = set()  # copies in from the host tier
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -129,6 +131,10 @@ class BatchingEngine(PagedKVEngine):
         for seq in list(self._requests.values()):
             self._finish(seq, "cancelled")
         task, self._task = self._task, None
+        for onboard in list(self._onboards):  # before the KV they write into goes
+            onboard.cancel()
+        if self._onboards:
+            await asyncio.wait(list(self._onboards))
         if task is not None:
             if not task.done():
                 task.cancel()
@@ -213,6 +219,7 @@ class BatchingEngine(PagedKVEngine):
                 async with self._step_lock:
                     results = await self._execute(prefills, decodes)
                     self._complete(prefills, decodes, results)
+                    self._write_through()
         except Exception:
             log.exception("%s engine scheduler failed; failing every request", self.name)
             self._closed = "scheduler failed"
@@ -316,6 +323,8 @@ class BatchingEngine(PagedKVEngine):
             self._wakeup.set()
 
         seq.onboarding = asyncio.ensure_future(onboard())
+        self._onboards.add(seq.onboarding)
+        seq.onboarding.add_done_callback(self._onboards.discard)
 
     def _complete(self, prefills: list[tuple[Seq, int]], decodes: list[Seq],
                   results: list[Sampled | None]) -> None:

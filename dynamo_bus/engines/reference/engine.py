@@ -70,7 +70,7 @@ class ReferenceEngine(BatchingEngine):
                  kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 1024, seed: int | None = None,
                  cuda_graphs: bool = True, host_gib: float = 0.0,
-                 kv_policy: str = "lru") -> None:
+                 kv_policy: str = "lru", kv_offload: str = "evict") -> None:
         self.device = pick_device(device)
         self.dtype_name = pick_dtype(dtype, self.device)
         self.dtype = DTYPES[self.dtype_name]
@@ -88,7 +88,7 @@ class ReferenceEngine(BatchingEngine):
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
                          host_blocks=int(host_gib * 2**30) // (per_token * block_size),
-                         kv_policy=kv_policy)
+                         kv_policy=kv_policy, kv_offload=kv_offload)
         self._seed = seed
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: DecodeRunner | None = None

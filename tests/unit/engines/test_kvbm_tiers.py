@@ -167,3 +167,26 @@ async def test_pool_and_tier_stay_consistent_under_random_load_and_aborts() -> N
     finally:
         await eng.stop()
     assert eng.host.stored > 0 and eng.host.onboarded > 0
+
+
+async def test_write_through_copies_blocks_once_computed_and_eviction_costs_nothing() -> None:
+    eng = MockEngine("m", vocab_size=32_000, clock=FakeClock(), num_blocks=8, block_size=BS,
+                     kv_bytes_per_token=TOKEN_BYTES, host_blocks=32, kv_offload="write-through")
+    await eng.start()
+    try:
+        a = sequence_hashes(prompt(1), BS)
+        eng.residency_changes()
+        await run(eng, req("a", prompt(1)))
+        host = eng.host
+        assert host is not None
+        assert all(h in host for h in a)                      # copied as soon as computed
+        changes = eng.residency_changes()
+        assert {changes[h] for h in a} == {"device"}          # the fastest tier
+        stored = host.stored
+        await run(eng, req("b", prompt(2)))                   # evicts a's blocks from G1
+        b = sequence_hashes(prompt(2), BS)
+        assert host.stored == stored + len(b)                 # b's own, nothing for a
+        again = await run(eng, req("a2", prompt(1)))
+        assert again[0].cached_tokens == 5 * BS
+    finally:
+        await eng.stop()

@@ -211,14 +211,15 @@ async def test_kv_blocks_round_trip_between_engines(engine: ReferenceEngine,
         await other.stop()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "offload"), [("float32", "evict"), ("bfloat16", "evict"),
+                                                ("float32", "write-through")])
 async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
-        dtype: str, fp32_dir: Path, model_dir: ModelDir, tokenizer: Any,
+        dtype: str, offload: str, fp32_dir: Path, model_dir: ModelDir, tokenizer: Any,
         expected: list[list[int]]) -> None:
     path = fp32_dir if dtype == "float32" else model_dir.path
     eng = ReferenceEngine(dataclasses.replace(model_dir, path=path), dtype=dtype,
                           device="cpu", threads=2, num_blocks=9,
-                          max_num_batched_tokens=BUDGET, host_gib=0.1)
+                          max_num_batched_tokens=BUDGET, host_gib=0.1, kv_offload=offload)
     await eng.start()
     try:
         ids = tokenizer(PROMPTS[4]).input_ids
