@@ -62,8 +62,10 @@ class EngineOutput(msgspec.Struct):
 
 class KVLayout(msgspec.Struct, frozen=True):
     """How one block's KV is laid out: ``data`` of :class:`KVBlocks` is
-    ``[num_blocks, 2 (K, V), num_layers, block_size, num_kv_heads, head_dim]`` of ``dtype``
-    (a torch dtype name), the block's tokens in order, keys after RoPE."""
+    ``[num_blocks, num_layers, block_size, 2 (K, V), num_kv_heads, head_dim]`` of ``dtype``
+    (a torch dtype name), the block's tokens in order, keys after RoPE: each layer's part
+    of a block is one contiguous run, as a paged cache holds it (so moving blocks in and
+    out of it, or of a KV block manager tier, needs no transposition)."""
 
     num_layers: int
     block_size: int

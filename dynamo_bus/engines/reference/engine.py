@@ -232,7 +232,7 @@ class ReferenceEngine(BatchingEngine):
 
     def _host_block_shape(self) -> tuple[tuple[int, ...], Any]:
         cfg = self.config
-        return (2, cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim), self.dtype
+        return (cfg.num_layers, self.block_size, 2, cfg.num_kv_heads, cfg.head_dim), self.dtype
 
     def _pin_host(self) -> bool:
         return self.device.type == "cuda"  # page-locked: copies to the device are DMA
@@ -246,17 +246,30 @@ class ReferenceEngine(BatchingEngine):
     def _read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         kv = self._cache()
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        # [n, layers, block_size, 2, kv_heads, head_dim] -> the layout's [n, 2, layers, ...]
-        data = torch.stack([layer.index_select(0, ids) for layer in kv.layers], dim=1)
-        return data.permute(0, 3, 1, 2, 4, 5).contiguous()
+        # Each layer's [n, block_size, 2, kv_heads, head_dim] rows, side by side per block.
+        return torch.stack([layer.index_select(0, ids) for layer in kv.layers], dim=1)
 
     def _write_blocks(self, block_ids: list[int], data: Any) -> None:
         kv = self._cache()
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         data = torch.as_tensor(data).to(self.device, self.dtype)
         for i, layer in enumerate(kv.layers):
-            # [n, 2, block_size, kv_heads, head_dim] -> the cache's [n, block_size, 2, ...]
-            layer.index_copy_(0, ids, data[:, :, i].transpose(1, 2))
+            layer.index_copy_(0, ids, data[:, i].contiguous())
+
+    async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
+        host = self.host
+        assert host is not None
+        kv = self._cache()
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        rows = torch.tensor(slots, dtype=torch.int64)
+
+        def copy() -> None:
+            # Per layer: gather the slots' rows (contiguous), then one scatter into the
+            # pool; no intermediate copy of every layer at once.
+            for i, layer in enumerate(kv.layers):
+                layer.index_copy_(0, ids, host.data[rows, i].to(self.device))
+
+        await asyncio.to_thread(copy)
 
     def _cache(self) -> KVCache:
         if self._kv is None:

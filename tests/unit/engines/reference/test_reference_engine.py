@@ -192,7 +192,7 @@ async def test_kv_blocks_round_trip_between_engines(engine: ReferenceEngine,
     hashes = sequence_hashes(ids, 16)
     blocks = await engine.export_blocks(hashes)
     assert blocks.num_blocks == len(hashes) >= 3
-    assert tuple(blocks.data.shape) == (len(hashes), 2, 30, 16, 3, 64)
+    assert tuple(blocks.data.shape) == (len(hashes), 30, 16, 2, 3, 64)
     other = _engine(fp32_dir, model_dir)
     await other.start()
     try:
