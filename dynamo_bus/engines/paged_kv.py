@@ -70,28 +70,30 @@ class PagedKVEngine(Engine):
     def _pin_host(self) -> bool:
         return False
 
-    def _offload(self) -> None:
+    async def _offload(self) -> None:
         """Copy the blocks the pool just evicted to the host tier. Runs between
         ``_schedule`` (which evicts) and the step that overwrites them."""
         evicted = self.pool.take_evicted()
         if evicted and self.host is not None:
-            self._copy_out(evicted)
+            await self._copy_out(evicted)
 
-    def _write_through(self) -> None:
+    async def _write_through(self) -> None:
         """``--kvbm-offload write-through``: copy every block a step completed to the
         host tier now, so evicting it later costs no copy. Runs after the step."""
         if self.host is not None and self.kv_offload == "write-through":
-            self._copy_out(self.pool.take_indexed())
+            await self._copy_out(self.pool.take_indexed())
 
-    def _copy_out(self, blocks: list[tuple[int, int]]) -> None:
+    async def _copy_out(self, blocks: list[tuple[int, int]]) -> None:
+        """The tier's bookkeeping now, on the event loop; the copy in a thread (the
+        caller waits for it: nothing reads the new host blocks or reuses the pool blocks
+        until the scheduler's next planning)."""
         host = self.host
         assert host is not None
-        fresh = [(h, b) for h, b in blocks if h not in host]
-        data = self._read_blocks([b for _, b in fresh]) if fresh and host.data is not None else None
-        host.put([h for h, _ in fresh], data)
-        for h, _ in blocks:
-            if h in host:
-                host.policy.touch(h)
+        src, slots, _ = host.reserve([h for h, _ in blocks])
+        if host.data is None or not slots:
+            return
+        block_ids = [blocks[i][1] for i in src]
+        await asyncio.to_thread(lambda: host.write(slots, self._read_blocks(block_ids)))
 
     async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
         """Copy the host tier's ``slots`` (pinned there meanwhile) into the pool's
@@ -142,7 +144,7 @@ class PagedKVEngine(Engine):
             raise ValueError(f"KV layout {blocks.layout} does not match this engine's {layout}")
         async with self._step_lock:  # a block freed mid-step may still be written by it
             taken = self.pool.insert_cached(blocks.hashes)
-            self._offload()  # what that evicted, before it is overwritten
+            await self._offload()  # what that evicted, before it is overwritten
             if taken:
                 self._write_blocks([b for _, b in taken], blocks.data[[i for i, _ in taken]])
         return len(taken)

@@ -215,11 +215,11 @@ class BatchingEngine(PagedKVEngine):
                     await self._wakeup.wait()
                     self._on_idle_wakeup()
                     continue
-                self._offload()  # what planning evicted, before the step overwrites it
                 async with self._step_lock:
+                    await self._offload()  # what planning evicted, before the step reuses it
                     results = await self._execute(prefills, decodes)
                     self._complete(prefills, decodes, results)
-                    self._write_through()
+                    await self._write_through()
         except Exception:
             log.exception("%s engine scheduler failed; failing every request", self.name)
             self._closed = "scheduler failed"

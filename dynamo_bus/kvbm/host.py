@@ -71,14 +71,25 @@ class HostTier:
 
     def put(self, hashes: Sequence[int], data: Any = None) -> list[int]:
         """Store the blocks ``hashes`` (``data[i]`` is block ``i``; None for a tier
-        without data), evicting as the policy says, never a block named in ``hashes``.
-        Blocks already held are only touched; pinned blocks are never evicted. Returns
-        the hashes evicted."""
+        without data): ``reserve`` then ``write``. Returns the hashes evicted."""
+        src, slots, evicted = self.reserve(hashes)
+        if self.data is not None and slots:
+            import torch
+
+            self.write(slots, data if len(src) == len(data) else data[torch.tensor(src)])
+        return evicted
+
+    def reserve(self, hashes: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+        """Make room for the blocks ``hashes`` this tier does not hold, evicting as the
+        policy says, never a block named in ``hashes`` nor a pinned one; blocks already
+        held are only touched. Bookkeeping only: the new blocks count as held from now
+        on, and ``write`` must fill their slots before anything reads them. Returns
+        (their indices in ``hashes``, their slots, the hashes evicted)."""
         keep = set(hashes)
         keep.update(self._pinned)
         evicted: list[int] = []
         src: list[int] = []
-        dst: list[int] = []
+        slots: list[int] = []
         for i, h in enumerate(hashes):
             if h in self._slot:
                 self.policy.touch(h)
@@ -94,18 +105,17 @@ class HostTier:
             self.policy.insert(h)
             self._note(h, True)
             src.append(i)
-            dst.append(slot)
-        if self.data is not None and dst:
-            self._copy_in(dst, data, src)
-        self.stored += len(dst)
+            slots.append(slot)
+        self.stored += len(slots)
         self.evicted += len(evicted)
-        return evicted
+        return src, slots, evicted
 
-    def _copy_in(self, dst: list[int], data: Any, src: list[int]) -> None:
+    def write(self, slots: list[int], rows: Any) -> None:
+        """Copy ``rows`` (one block each) into ``slots``. Touches only the data, so it
+        may run in another thread while the owner goes on with the bookkeeping."""
         import torch
 
-        rows = data if len(src) == len(data) else data[torch.tensor(src)]
-        self.data.index_copy_(0, torch.tensor(dst), rows.to(self.data.device, self.data.dtype))
+        self.data.index_copy_(0, torch.tensor(slots), rows.to(self.data.device, self.data.dtype))
 
     def pin(self, hashes: Sequence[int]) -> list[int]:
         """The slots of the blocks ``hashes`` (all held), kept from eviction until
