@@ -13,12 +13,15 @@ the batching scheduler (:mod:`dynamo_bus.engines.scheduler`) is the one subclass
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from dynamo_bus.engines.base import Engine, KVBlocks, KVLayout
 from dynamo_bus.engines.block_pool import BlockPool
 from dynamo_bus.kvbm.host import HostTier
 from dynamo_bus.kvbm.policy import make_policy
+
+log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("evict", "write-through")  # when a block is copied to the host tier
 
@@ -90,10 +93,20 @@ class PagedKVEngine(Engine):
         host = self.host
         assert host is not None
         src, slots, _ = host.reserve([h for h, _ in blocks])
+        new = [blocks[i][0] for i in src]
         if host.data is None or not slots:
+            host.written(new)
             return
         block_ids = [blocks[i][1] for i in src]
-        await asyncio.to_thread(lambda: host.write(slots, self._read_blocks(block_ids)))
+        ok = False
+        try:
+            await asyncio.to_thread(lambda: host.write(slots, self._read_blocks(block_ids)))
+            ok = True
+        except Exception:
+            log.exception("copying %d blocks to the host tier failed; they are dropped",
+                          len(slots))
+        finally:
+            host.written(new, ok=ok)
 
     async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
         """Copy the host tier's ``slots`` (pinned there meanwhile) into the pool's

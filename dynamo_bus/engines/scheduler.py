@@ -76,6 +76,7 @@ class BatchingEngine(PagedKVEngine):
         self._running: dict[str, Seq] = {}  # admission order: the last is preempted first
         self._closed: str | None = None     # why new requests are refused
         self._onboards: set[asyncio.Future[None]] = set()  # copies in from the host tier
+        self._copied_out: asyncio.Future[None] | None = None  # this planning's evictions saved
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -131,14 +132,14 @@ class BatchingEngine(PagedKVEngine):
         for seq in list(self._requests.values()):
             self._finish(seq, "cancelled")
         task, self._task = self._task, None
-        for onboard in list(self._onboards):  # before the KV they write into goes
-            onboard.cancel()
-        if self._onboards:
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        if self._copied_out is not None and not self._copied_out.done():
+            self._copied_out.set_result(None)  # copies not begun see _closed and skip
+        if self._onboards:  # copies under way end before the KV they write into goes
             await asyncio.wait(list(self._onboards))
         if task is not None:
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
             await self._unload()
 
     async def abort(self, request_id: str) -> None:
@@ -209,14 +210,19 @@ class BatchingEngine(PagedKVEngine):
     async def _run(self) -> None:
         try:
             while True:
+                self._copied_out = asyncio.get_running_loop().create_future()
                 prefills, decodes = self._schedule()
+                async with self._step_lock:
+                    # What planning evicted goes to the host tier before anything writes
+                    # its blocks: this step, or a copy in from the host tier it began.
+                    await self._offload()
+                self._copied_out.set_result(None)
                 if not prefills and not decodes:
                     self._wakeup.clear()  # nothing can run until a request or abort comes
                     await self._wakeup.wait()
                     self._on_idle_wakeup()
                     continue
                 async with self._step_lock:
-                    await self._offload()  # what planning evicted, before the step reuses it
                     results = await self._execute(prefills, decodes)
                     self._complete(prefills, decodes, results)
                     await self._write_through()
@@ -300,16 +306,19 @@ class BatchingEngine(PagedKVEngine):
         host = self.host
         assert host is not None
         slots = host.pin(hashes)
+        saved = self._copied_out
+        assert saved is not None
 
         async def onboard() -> None:
+            ok = False
             try:
-                await self._onboard_blocks(block_ids, slots)
+                await saved  # the blocks this planning evicted are in the host tier
+                if self._closed is None:
+                    await self._onboard_blocks(block_ids, slots)
+                    ok = True
             except Exception:
                 log.exception("%s: copying %d blocks in from the host tier failed; "
                               "computing them instead", self.name, len(block_ids))
-                ok = False
-            else:
-                ok = True
             finally:
                 host.unpin(hashes)
                 seq.onboarding = None

@@ -3,8 +3,8 @@
 A block evicted from G1 is copied here instead of being lost; a request whose prefix
 G1 no longer holds but G2 does gets those blocks copied back (onboarded) instead of
 recomputed. Blocks are found by their chained sequence hash, as in G1, and live in one
-buffer allocated once (page-locked when the engine runs on CUDA, so copies to and from
-the device are DMA): ``[capacity, *block_shape]`` of the engine's KV dtype, one block
+buffer allocated once (page-locked when the engine runs on CUDA, as DMA and NIXL need
+it): ``[capacity, *block_shape]`` of the engine's KV dtype, one block
 per slot in the engine's export layout (:class:`~dynamo_bus.engines.base.KVLayout`).
 
 A tier without ``block_shape`` keeps the bookkeeping only: the simulated engine has no
@@ -44,6 +44,7 @@ class HostTier:
         self._free = list(range(capacity - 1, -1, -1))
         self._changes: dict[int, bool] | None = None
         self._pinned: dict[int, int] = {}  # hash -> copies out under way
+        self._writing: set[int] = set()    # reserved, their data not written yet
         self.stored = 0    # blocks copied in, ever
         self.evicted = 0   # blocks dropped to make room, ever
         self.onboarded = 0  # blocks read back, ever
@@ -64,7 +65,7 @@ class HostTier:
         """How many of the leading ``hashes`` this tier holds."""
         n = 0
         for h in hashes:
-            if h not in self._slot:
+            if h not in self._slot or h in self._writing:
                 break
             n += 1
         return n
@@ -77,13 +78,14 @@ class HostTier:
             import torch
 
             self.write(slots, data if len(src) == len(data) else data[torch.tensor(src)])
+        self.written([hashes[i] for i in src])
         return evicted
 
     def reserve(self, hashes: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
         """Make room for the blocks ``hashes`` this tier does not hold, evicting as the
         policy says, never a block named in ``hashes`` nor a pinned one; blocks already
         held are only touched. Bookkeeping only: the new blocks count as held from now
-        on, and ``write`` must fill their slots before anything reads them. Returns
+        on, but ``prefix`` skips them until ``written`` says their data is in. Returns
         (their indices in ``hashes``, their slots, the hashes evicted)."""
         keep = set(hashes)
         keep.update(self._pinned)
@@ -102,6 +104,7 @@ class HostTier:
                 evicted.append(victim)
             slot = self._free.pop()
             self._slot[h] = slot
+            self._writing.add(h)
             self.policy.insert(h)
             self._note(h, True)
             src.append(i)
@@ -116,6 +119,13 @@ class HostTier:
         import torch
 
         self.data.index_copy_(0, torch.tensor(slots), rows.to(self.data.device, self.data.dtype))
+
+    def written(self, hashes: Sequence[int], *, ok: bool = True) -> None:
+        """The data of reserved blocks is in (``ok``), or never will be: they go."""
+        for h in hashes:
+            self._writing.discard(h)
+            if not ok and h in self._slot:
+                self._drop(h)
 
     def pin(self, hashes: Sequence[int]) -> list[int]:
         """The slots of the blocks ``hashes`` (all held), kept from eviction until

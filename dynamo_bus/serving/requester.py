@@ -34,6 +34,7 @@ from dynamo_bus.bus.messages import (
     RESEND_ACK,
     RESPONSE,
     Cancel,
+    ChunkBatch,
     Error,
     Request,
     Resend,
@@ -138,10 +139,14 @@ class Requester:
 
     async def _on_response(self, msg: Msg) -> None:
         try:
-            responses = unbatch(RESPONSE.decode(msg.data))
+            delivery = RESPONSE.decode(msg.data)
         except ProtocolError as exc:
             log.warning("dropping response: %s", exc)
             return
+        responses = unbatch(delivery)
+        if isinstance(delivery, ChunkBatch) and len(responses) < len(delivery.items):
+            log.warning("dropping %d chunks of a batch: a newer schema version than this "
+                        "build reads", len(delivery.items) - len(responses))
         for resp in responses:
             await self._deliver(resp)
 

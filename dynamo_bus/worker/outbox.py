@@ -48,11 +48,23 @@ class Outbox:
         """Send everything put so far now."""
         async with self._sending:
             pending, self._pending = self._pending, {}
-            for subject, items in pending.items():
-                for payload in _payloads(items):
-                    # Failed (connection down): requesters ask for what they miss again.
-                    with contextlib.suppress(Exception):
-                        await self._nc.publish(subject, payload)
+            limit = min(MAX_BATCH_BYTES, self._nc.max_payload - 4096)
+            try:
+                while pending:
+                    subject, items = next(iter(pending.items()))
+                    for payload in _payloads(items, limit):
+                        # Failed (connection down): requesters ask for what they miss again.
+                        with contextlib.suppress(Exception):
+                            await self._nc.publish(subject, payload)
+                    del pending[subject]
+            finally:
+                # Cancelled midway (the caller's task was): what is left goes soon, ahead
+                # of anything put since (a subject cut off midway may go twice: readers
+                # drop what they already have).
+                if pending:
+                    for subject, items in pending.items():
+                        self._pending.setdefault(subject, [])[:0] = items
+                    asyncio.get_running_loop().call_soon(self._schedule_flush)
 
     async def close(self) -> None:
         """Send what is waiting (and wait for sends under way)."""
@@ -61,13 +73,13 @@ class Outbox:
             await asyncio.wait(list(self._flushes))
 
 
-def _payloads(items: list[bytes]) -> list[bytes]:
-    """``items`` as messages of at most ``MAX_BATCH_BYTES`` (unless one item alone is
+def _payloads(items: list[bytes], limit: int = MAX_BATCH_BYTES) -> list[bytes]:
+    """``items`` as messages of at most ``limit`` bytes (unless one item alone is
     larger): a lone item as it is, several spliced into a ``ChunkBatch``."""
     groups: list[list[bytes]] = [[]]
     size = 0
     for item in items:
-        if groups[-1] and size + len(item) > MAX_BATCH_BYTES:
+        if groups[-1] and size + len(item) > limit:
             groups.append([])
             size = 0
         groups[-1].append(item)

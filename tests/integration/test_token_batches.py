@@ -52,3 +52,8 @@ async def test_a_steps_chunks_for_one_frontend_share_a_message(stack) -> None:
     assert any(len(ids) > 1 for ids in batches)
     chunks = sum(len(unbatch(m)) for m in messages)
     assert len(messages) < chunks
+    # On the wire, each request's chunks come once, in order, without holes.
+    ends: dict[str, int] = {}
+    for item in (c for m in messages for c in unbatch(m)):
+        assert item.index == ends.get(item.request_id, 0), item
+        ends[item.request_id] = item.index + len(item.token_ids)

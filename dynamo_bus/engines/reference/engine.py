@@ -235,7 +235,7 @@ class ReferenceEngine(BatchingEngine):
         return (cfg.num_layers, self.block_size, 2, cfg.num_kv_heads, cfg.head_dim), self.dtype
 
     def _pin_host(self) -> bool:
-        return self.device.type == "cuda"  # page-locked: copies to the device are DMA
+        return self.device.type == "cuda"  # page-locked, as DMA and NIXL need it
 
     def _kv_layout(self) -> KVLayout:
         cfg = self.config

@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import random
 
+import torch
+
 from dynamo_bus.bus.messages import SamplingOptions
 from dynamo_bus.engines.base import EngineOutput, EngineRequest
 from dynamo_bus.engines.mock import MockEngine
+from dynamo_bus.engines.scheduler import BatchingEngine
+from dynamo_bus.engines.sequence import Sampled, Seq
 from dynamo_bus.hashing import sequence_hashes
 from dynamo_bus.traces.simulate import VirtualClock, VirtualTimeLoop
 from tests.unit.engines.test_mock_engine import FakeClock
@@ -188,5 +192,53 @@ async def test_write_through_copies_blocks_once_computed_and_eviction_costs_noth
         assert host.stored == stored + len(b)                 # b's own, nothing for a
         again = await run(eng, req("a2", prompt(1)))
         assert again[0].cached_tokens == 5 * BS
+    finally:
+        await eng.stop()
+
+
+class FakeKVEngine(BatchingEngine):
+    """A fake engine behind the BatchingEngine seam whose KV is one number per block:
+    the block's own hash, written when a step computes it. Any block that reaches the
+    host tier holding another block's number was overwritten before it was saved."""
+
+    name = "fake-kv"
+
+    async def _load(self) -> None:
+        self.kv = torch.zeros(self.num_blocks, 1, dtype=torch.float64)
+
+    def _host_block_shape(self) -> tuple[tuple[int, ...], object]:
+        return (1,), torch.float64
+
+    def _read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return self.kv[torch.tensor(block_ids)].clone()
+
+    def _write_blocks(self, block_ids: list[int], data: object) -> None:
+        self.kv[torch.tensor(block_ids)] = torch.as_tensor(data, dtype=torch.float64)
+
+    async def _execute(self, prefills: list[tuple[Seq, int]],
+                       decodes: list[Seq]) -> list[Sampled | None]:
+        out: list[Sampled | None] = []
+        for seq, n in prefills:
+            table = self.pool.block_table(seq.request_id)
+            end = seq.num_computed + n
+            for b in range(seq.num_computed // BS, end // BS):
+                self.kv[table[b]] = float(seq.hashes[b] % (1 << 40))
+            out.append(Sampled(1) if end == seq.prefill_target else None)
+        await asyncio.sleep(0)
+        return out + [Sampled(1) for _ in decodes]
+
+
+async def test_evicted_blocks_reach_the_host_tier_before_onboarding_reuses_them() -> None:
+    eng = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32)
+    await eng.start()
+    try:
+        for rid, seed in (("a", 1), ("b", 2), ("a2", 1), ("c", 3)):
+            # a2's onboarding takes blocks whose old contents (b's) must be saved first.
+            await run(eng, req(rid, prompt(seed, 97), n=1))
+        host = eng.host
+        assert host is not None and host.onboarded > 0
+        for h, slot in host._slot.items():
+            assert float(host.data[slot, 0]) == float(h % (1 << 40))
+        assert eng.pool.lookup(sequence_hashes(prompt(3, 97), BS)[:1])  # c in the pool
     finally:
         await eng.stop()

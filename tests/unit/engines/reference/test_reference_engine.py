@@ -225,8 +225,10 @@ async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
         ids = tokenizer(PROMPTS[4]).input_ids
         cold = tokens(await run(eng, req("cold", ids)))
         prefix = sequence_hashes(ids, 16)[:(len(ids) - 1) // 16]
-        for i in (0, 1, 2, 3):  # other answers push the prefix out of the pool
-            await run(eng, req(f"other{i}", tokenizer(PROMPTS[i] * 2).input_ids))
+        others = {i: tokenizer(PROMPTS[i] * 2).input_ids for i in (0, 1, 2, 3)}
+        first = {}
+        for i, other in others.items():  # other answers push the prefix out of the pool
+            first[i] = tokens(await run(eng, req(f"other{i}", other)))
         assert eng.pool.lookup(prefix) == []  # none of it in the pool any more
         host = eng.host
         assert host is not None and all(eng.pool.holds(h) or h in host for h in prefix)
@@ -234,6 +236,10 @@ async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
         assert warm[0].cached_tokens == len(prefix) * 16 > 0
         assert host.onboarded > 0
         assert tokens(warm) == cold
+        # The blocks the onboarding reused were saved intact: the prompts they held
+        # come back from the host tier (or the pool) with their first answers.
+        for i, other in others.items():
+            assert tokens(await run(eng, req(f"again{i}", other))) == first[i]
         if dtype == "float32":
             assert cold == expected[4]
     finally:
