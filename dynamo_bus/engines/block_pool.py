@@ -200,6 +200,11 @@ class BlockPool:
         if self._evicted is None:
             self._evicted = []
 
+    @property
+    def has_evicted(self) -> bool:
+        """Whether ``take_evicted`` has anything."""
+        return bool(self._evicted)
+
     def take_evicted(self) -> list[tuple[int, int]]:
         """``(hash, block_id)`` of each cached block evicted since the last call, in
         order; a block's KV stays readable until the next step writes it."""

@@ -210,13 +210,15 @@ class BatchingEngine(PagedKVEngine):
     async def _run(self) -> None:
         try:
             while True:
-                self._copied_out = asyncio.get_running_loop().create_future()
                 prefills, decodes = self._schedule()
-                async with self._step_lock:
-                    # What planning evicted goes to the host tier before anything writes
-                    # its blocks: this step, or a copy in from the host tier it began.
-                    await self._offload()
-                self._copied_out.set_result(None)
+                if self.pool.has_evicted:
+                    async with self._step_lock:
+                        # What planning evicted goes to the host tier before anything
+                        # writes its blocks: this step, or a copy in it began.
+                        await self._offload()
+                if self._copied_out is not None:
+                    self._copied_out.set_result(None)
+                    self._copied_out = None
                 if not prefills and not decodes:
                     self._wakeup.clear()  # nothing can run until a request or abort comes
                     await self._wakeup.wait()
@@ -306,8 +308,9 @@ class BatchingEngine(PagedKVEngine):
         host = self.host
         assert host is not None
         slots = host.pin(hashes)
+        if self._copied_out is None:  # set once this planning's evictions are saved
+            self._copied_out = asyncio.get_running_loop().create_future()
         saved = self._copied_out
-        assert saved is not None
 
         async def onboard() -> None:
             ok = False
