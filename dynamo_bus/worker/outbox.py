@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
-from nats.aio.client import Client
+from typing import Protocol
 
 from dynamo_bus.bus.messages import join_responses
 
 MAX_BATCH_BYTES = 256 << 10  # well under the server's 1 MiB payload limit
 
 
+class Publisher(Protocol):
+    """What the outbox needs of a NATS connection (``nats.aio.client.Client`` is one)."""
+
+    max_payload: int
+
+    async def publish(self, subject: str, payload: bytes) -> None: ...
+
+
 class Outbox:
     """Shared by the workers of one process (they share a connection too): a pass of
     the event loop in which several engines stepped sends one batch per frontend."""
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Publisher) -> None:
         self._nc = nc
         self._pending: dict[str, list[bytes]] = {}
         self._sending = asyncio.Lock()  # a publish can wait: later items wait behind it

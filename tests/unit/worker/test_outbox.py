@@ -38,8 +38,8 @@ def test_batches_stay_under_the_size_limit_and_keep_every_chunk() -> None:
 
 
 class FakeNats:
-    """A fake of the one method the outbox uses (publish) and its payload limit; a
-    publish can be made to wait, to cancel a flush midway."""
+    """A fake of the outbox's ``Publisher`` (publish and the payload limit); a publish
+    can be made to wait, to cancel a flush midway."""
 
     max_payload = 1 << 20
 
@@ -60,7 +60,7 @@ def _ids(nc: FakeNats, subject: str) -> list[str]:
 
 async def test_a_pass_goes_as_one_message_per_subject_in_order() -> None:
     nc = FakeNats()
-    box = Outbox(nc)  # type: ignore[arg-type]
+    box = Outbox(nc)
     for i in range(4):
         box.put("fe1", _chunk(f"a{i}", 1))
         box.put("fe2", _chunk(f"b{i}", 1))
@@ -74,7 +74,7 @@ async def test_a_pass_goes_as_one_message_per_subject_in_order() -> None:
 async def test_a_flush_cancelled_midway_loses_nothing() -> None:
     nc = FakeNats()
     nc.hold = asyncio.Event()
-    box = Outbox(nc)  # type: ignore[arg-type]
+    box = Outbox(nc)
     box.put("fe1", _chunk("a0", 1))
     box.put("fe2", _chunk("b0", 1))
     flushing = asyncio.ensure_future(box.flush())
