@@ -23,7 +23,8 @@ MAX_BATCH_BYTES = 256 << 10  # well under the server's 1 MiB payload limit
 class Publisher(Protocol):
     """What the outbox needs of a NATS connection (``nats.aio.client.Client`` is one)."""
 
-    max_payload: int
+    @property
+    def max_payload(self) -> int: ...
 
     async def publish(self, subject: str, payload: bytes) -> None: ...
 
