@@ -87,6 +87,12 @@ _HELP = {
                     "pool evicts it (evict) or as soon as it is computed (write-through)",
     "kvbm_policy": "KV block manager: what each tier evicts first, lru or lfu (least "
                    "frequently used, with aging)",
+    "kvbm_disk_gib": "KV block manager: GiB of disk per worker for the blocks the host "
+                     "tier evicts (G3, under --kvbm-disk-dir); 0: no disk tier",
+    "kvbm_disk_dir": "KV block manager: directory for the disk tier's block files; a "
+                     "worker restarted with the same directory finds its blocks again",
+    "kvbm_disk_admit": "KV block manager: how many requests must have asked for a block "
+                       "before the disk tier takes it (1: every block)",
     "log_level": "debug, info, warning or error",
 }
 

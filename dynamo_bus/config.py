@@ -65,6 +65,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kvbm_host_gib: float = 2.0           # G2 host-memory tier per worker; 0: off
     kvbm_policy: str = "lru"             # eviction in every tier: lru, lfu
     kvbm_offload: str = "evict"          # copy to G2 on eviction, or every block written
+    kvbm_disk_gib: float = 0.0           # G3 disk tier per worker; 0: off
+    kvbm_disk_dir: str = ""              # where G3 keeps its block files
+    kvbm_disk_admit: int = 2             # requests that must ask for a block before G3 takes it
     # logging
     log_level: str = "info"
 

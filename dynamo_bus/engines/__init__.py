@@ -17,6 +17,7 @@ from dynamo_bus.engines.base import (
     KVLayout,
 )
 from dynamo_bus.errors import ConfigError
+from dynamo_bus.kvbm.files import blocks_in
 from dynamo_bus.kvbm.policy import POLICIES
 from dynamo_bus.models.modeldir import ModelDir
 
@@ -27,13 +28,16 @@ __all__ = ["ENGINES", "Engine", "EngineLoad", "EngineOutput", "EngineRequest", "
 def _mock(cfg: Config, model: ModelDir, name: str) -> Engine:
     from dynamo_bus.engines.mock import KV_BYTES_PER_TOKEN, MockEngine
 
-    host_blocks = int(cfg.kvbm_host_gib * 2**30) // (KV_BYTES_PER_TOKEN * cfg.block_size)
+    block_bytes = KV_BYTES_PER_TOKEN * cfg.block_size
+    host_blocks = int(cfg.kvbm_host_gib * 2**30) // block_bytes
     return MockEngine(name, vocab_size=model.vocab_size, eos_token_ids=model.eos_token_ids,
                       context_length=model.context_length, block_size=cfg.block_size,
                       num_blocks=cfg.num_blocks or 16384, max_num_seqs=cfg.max_concurrency,
                       max_num_batched_tokens=cfg.max_batched_tokens or 8192,
                       speedup=cfg.mock_speedup, host_blocks=host_blocks,
-                      kv_policy=cfg.kvbm_policy, kv_offload=cfg.kvbm_offload)
+                      kv_policy=cfg.kvbm_policy, kv_offload=cfg.kvbm_offload,
+                      disk_blocks=blocks_in(cfg.kvbm_disk_gib, block_bytes),
+                      disk_admit_after=cfg.kvbm_disk_admit)
 
 
 def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
@@ -49,7 +53,9 @@ def _reference(cfg: Config, model: ModelDir, name: str) -> Engine:
                                max_num_seqs=cfg.max_concurrency,
                                max_num_batched_tokens=cfg.max_batched_tokens or 1024,
                                cuda_graphs=cfg.cuda_graphs, host_gib=cfg.kvbm_host_gib,
-                               kv_policy=cfg.kvbm_policy, kv_offload=cfg.kvbm_offload)
+                               kv_policy=cfg.kvbm_policy, kv_offload=cfg.kvbm_offload,
+                               disk_gib=cfg.kvbm_disk_gib, disk_dir=cfg.kvbm_disk_dir,
+                               disk_admit_after=cfg.kvbm_disk_admit)
     except (ValueError, NotImplementedError) as exc:
         raise ConfigError(f"reference engine: {exc}") from exc
 
@@ -73,4 +79,19 @@ def make_engine(cfg: Config, model: ModelDir, name: str) -> Engine:
                           "write-through (flag --kvbm-offload, env DYNAMO_BUS_KVBM_OFFLOAD)")
     if cfg.kvbm_host_gib < 0:
         raise ConfigError("--kvbm-host-gib must be >= 0 (0: no host tier)")
+    if cfg.kvbm_disk_gib < 0:
+        raise ConfigError("--kvbm-disk-gib must be >= 0 (0: no disk tier)")
+    if cfg.kvbm_disk_gib > 0:
+        if cfg.kvbm_host_gib <= 0:
+            raise ConfigError("the disk tier (--kvbm-disk-gib) sits under the host tier: "
+                              "give --kvbm-host-gib too")
+        if not cfg.kvbm_disk_dir and cfg.engine != "mock":
+            raise ConfigError("--kvbm-disk-gib needs --kvbm-disk-dir: the directory for "
+                              "the disk tier's block files")
+    elif cfg.kvbm_disk_dir:
+        raise ConfigError("--kvbm-disk-dir is set but --kvbm-disk-gib is 0: give the "
+                          "disk tier a size, or leave both unset")
+    if cfg.kvbm_disk_admit < 1:
+        raise ConfigError("--kvbm-disk-admit must be >= 1 (1: every block the host tier "
+                          "evicts is written)")
     return factory(cfg, model, name)

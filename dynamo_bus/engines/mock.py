@@ -9,10 +9,11 @@ prompt tokens it computes plus ``decode(u)`` when it decodes, u being the decodi
 requests' context lengths over the pool's capacity in tokens (as Dynamo's mocker).
 Mixed steps pay both terms.
 
-With a host tier (G2) the mock keeps its bookkeeping (which blocks it holds) but no KV
-data: copying a prefix back from it takes ``blocks x block bytes / host_bandwidth``,
-divided by ``speedup``, for the request that waits for it (other requests' steps go on),
-and copying evicted blocks out costs no step time (a copy engine does it on a GPU).
+With a host tier (G2) and a disk tier (G3) the mock keeps their bookkeeping (which
+blocks each holds) but no KV data: copying a prefix back takes ``blocks x block bytes /
+bandwidth`` of the tier it comes from, divided by ``speedup``, for the request that
+waits for it (other requests' steps go on), and copying evicted blocks out costs no
+step time (a copy engine does it on a GPU; disk writes run beside the engine).
 
 Output tokens are pseudo-random ids in ``[0, vocab_size)`` fixed by (prompt, seed), or by
 (prompt, request id) without a seed, or by the prompt alone at temperature 0. The mock
@@ -37,6 +38,8 @@ from dynamo_bus.engines.sequence import Sampled, Seq
 _MIN_SLEEP_S = 1e-3  # asyncio cannot sleep less than this with any accuracy
 # Host tier -> device copies: pinned host to device memory measured on an H200 (DESIGN.md).
 HOST_BANDWIDTH = 51 * 2**30
+# Disk tier -> host reads through NIXL's POSIX backend with O_DIRECT, measured here.
+DISK_BANDWIDTH = int(1.1 * 2**30)
 KV_BYTES_PER_TOKEN = 23040  # SmolLM2-135M in bfloat16 (DESIGN.md)
 _MAX_LAG_S = 2e-3    # how much oversleep later steps may win back
 
@@ -89,7 +92,8 @@ class MockEngine(BatchingEngine):
                  speedup: float = 1.0, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN,
                  clock: Clock | None = None, host_blocks: int = 0,
                  host_bandwidth: float = HOST_BANDWIDTH, kv_policy: str = "lru",
-                 kv_offload: str = "evict") -> None:
+                 kv_offload: str = "evict", disk_blocks: int = 0,
+                 disk_bandwidth: float = DISK_BANDWIDTH, disk_admit_after: int = 2) -> None:
         excluded = sorted({e for e in eos_token_ids if 0 <= e < vocab_size})
         if vocab_size - len(excluded) < 1:
             raise ValueError("vocab_size must leave at least one non-EOS token")
@@ -99,9 +103,11 @@ class MockEngine(BatchingEngine):
                          context_length=context_length, block_size=block_size,
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
-                         host_blocks=host_blocks, kv_policy=kv_policy, kv_offload=kv_offload)
+                         host_blocks=host_blocks, kv_policy=kv_policy, kv_offload=kv_offload,
+                         disk_blocks=disk_blocks, disk_admit_after=disk_admit_after)
         self.speedup = speedup
         self.host_bandwidth = host_bandwidth
+        self.disk_bandwidth = disk_bandwidth
         self.kv_bytes_per_token = kv_bytes_per_token
         self.clock: Clock = clock if clock is not None else AsyncioClock()
         self._excluded = np.asarray(excluded, dtype=np.int64)
@@ -152,6 +158,11 @@ class MockEngine(BatchingEngine):
     async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
         nbytes = len(block_ids) * self.block_size * self.kv_bytes_per_token
         await self.clock.sleep(nbytes / self.host_bandwidth / self.speedup)
+
+    async def _onboard_disk(self, block_ids: list[int], hashes: list[int]) -> int:
+        nbytes = len(block_ids) * self.block_size * self.kv_bytes_per_token
+        await self.clock.sleep(nbytes / self.disk_bandwidth / self.speedup)
+        return len(block_ids)
 
     def _step_seconds(self, prefills: list[tuple[Seq, int]], decodes: list[Seq]) -> float:
         ms = prefill_ms(sum(n for _, n in prefills)) if prefills else 0.0

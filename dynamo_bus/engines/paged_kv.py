@@ -5,9 +5,11 @@ lock that keeps KV reads and writes out of a running step, the residency reports
 worker publishes for KV-aware routers, whole-block KV export/import (the interface
 disaggregation uses), and the tiers of the KV block manager below the pool
 (:mod:`dynamo_bus.kvbm`): blocks the pool evicts are copied to the host tier (G2)
-before a step overwrites them, and a prefix found there is copied back (onboarded)
-instead of recomputed. A subclass says how its blocks are laid out, read and written;
-the batching scheduler (:mod:`dynamo_bus.engines.scheduler`) is the one subclass here.
+before a step overwrites them, blocks the host tier evicts are written to the disk tier
+(G3) if they were asked for often enough, and a prefix found in either is copied back
+(onboarded) instead of recomputed. A subclass says how its blocks are laid out, read and
+written; the batching scheduler (:mod:`dynamo_bus.engines.scheduler`) is the one
+subclass here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 from dynamo_bus.engines.base import Engine, KVBlocks, KVLayout
 from dynamo_bus.engines.block_pool import BlockPool
+from dynamo_bus.kvbm.disk import DiskTier
+from dynamo_bus.kvbm.files import BlockFiles, fingerprint_digest
 from dynamo_bus.kvbm.host import HostTier
 from dynamo_bus.kvbm.policy import make_policy
 
@@ -30,7 +34,8 @@ class PagedKVEngine(Engine):
     """An engine whose KV blocks are the pool's blocks; see the module docstring."""
 
     def __init__(self, *, host_blocks: int = 0, kv_policy: str = "lru",
-                 kv_offload: str = "evict") -> None:
+                 kv_offload: str = "evict", disk_blocks: int = 0, disk_dir: str = "",
+                 disk_admit_after: int = 2) -> None:
         make_policy(kv_policy)  # an unknown name fails here, not at start
         if kv_offload not in OFFLOAD_MODES:
             raise ValueError(f"unknown offload mode {kv_offload!r}; choose from "
@@ -41,6 +46,12 @@ class PagedKVEngine(Engine):
         self.host_blocks = host_blocks      # G2 size; 0: no host tier
         self.kv_policy = kv_policy
         self.host: HostTier | None = None
+        self.disk_blocks = disk_blocks      # G3 size; 0: no disk tier
+        self.disk_dir = disk_dir            # where G3 keeps its files ("": no files)
+        self.disk_admit_after = disk_admit_after
+        self.disk: DiskTier | None = None
+        if disk_blocks > 0 and host_blocks <= 0:
+            raise ValueError("a disk tier needs a host tier above it (--kvbm-host-gib)")
 
     def _kv_layout(self) -> KVLayout:
         raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
@@ -58,8 +69,8 @@ class PagedKVEngine(Engine):
         holds KV data; None for one that keeps bookkeeping only (no KV data here)."""
         return None
 
-    def _start_tiers(self, pool: BlockPool) -> None:
-        """Called once the pool exists: build the host tier, if one is configured."""
+    async def _start_tiers(self, pool: BlockPool) -> None:
+        """Called once the pool exists: build the tiers configured below it."""
         self._pool = pool
         if self.host_blocks > 0:
             shape = self._host_block_shape()
@@ -69,6 +80,25 @@ class PagedKVEngine(Engine):
             pool.record_evictions()
             if self.kv_offload == "write-through":
                 pool.record_indexed()
+        if self.disk_blocks > 0:
+            files = None
+            if self.host is not None and self.host.data is not None and self.disk_dir:
+                files = BlockFiles(self.disk_dir, self.disk_blocks,
+                                   block_shape=tuple(self.host.data.shape[1:]),
+                                   dtype=self.host.data.dtype,
+                                   fingerprint=fingerprint_digest(self.fingerprint,
+                                                                  self._kv_layout()))
+            self.disk = DiskTier(self.disk_blocks, policy=make_policy(self.kv_policy),
+                                 files=files, admit_after=self.disk_admit_after)
+            await self.disk.start()
+
+    async def _stop_tiers(self, onboards: set[asyncio.Future[None]]) -> None:
+        """Wait for the copies in under way (they end before the KV they write into
+        goes), finish what the tiers are writing, let go of their files."""
+        if onboards:
+            await asyncio.wait(list(onboards))
+        if self.disk is not None:
+            await self.disk.close()
 
     def _pin_host(self) -> bool:
         return False
@@ -92,21 +122,34 @@ class PagedKVEngine(Engine):
         until the scheduler's next planning)."""
         host = self.host
         assert host is not None
-        src, slots, _ = host.reserve([h for h, _ in blocks])
+        src, slots, evicted = host.reserve([h for h, _ in blocks])
         new = [blocks[i][0] for i in src]
+        # What the host tier gave up goes down to the disk tier, if worth a write.
+        plan = self.disk.demote(evicted) if self.disk is not None else []
         if host.data is None or not slots:
             host.written(new)
+            if self.disk is not None:
+                self.disk.write_later(plan)
             return
         block_ids = [blocks[i][1] for i in src]
+        disk = self.disk
+
+        def copy() -> None:
+            if disk is not None and plan:
+                disk.stage(plan, host.data)  # before the new blocks take their slots
+            host.write(slots, self._read_blocks(block_ids))
+
         ok = False
         try:
-            await asyncio.to_thread(lambda: host.write(slots, self._read_blocks(block_ids)))
+            await asyncio.to_thread(copy)
             ok = True
         except Exception:
             log.exception("copying %d blocks to the host tier failed; they are dropped",
                           len(slots))
         finally:
             host.written(new, ok=ok)
+            if disk is not None:
+                disk.write_later(plan, staged=ok)
 
     async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
         """Copy the host tier's ``slots`` (pinned there meanwhile) into the pool's
@@ -125,18 +168,63 @@ class PagedKVEngine(Engine):
 
         await asyncio.to_thread(copy)
 
+    async def _onboard(self, block_ids: list[int], host_slots: list[int],
+                       from_disk: list[int]) -> int:
+        """Copy a prefix into the pool's ``block_ids``: the host tier's ``host_slots``
+        first, then the disk tier's blocks ``from_disk``. Returns how many of
+        ``block_ids``, from the first, hold their KV now (the rest is computed)."""
+        done = 0
+        try:
+            if host_slots:
+                await self._onboard_blocks(block_ids[:len(host_slots)], host_slots)
+                done = len(host_slots)
+            if from_disk:
+                done += await self._onboard_disk(block_ids[done:], from_disk)
+        except Exception:
+            log.exception("%s: copying %d blocks in from the KV block manager failed; "
+                          "computing them instead", self.name, len(block_ids) - done)
+        return done
+
+    async def _onboard_disk(self, block_ids: list[int], hashes: list[int]) -> int:
+        """Read the disk tier's blocks ``hashes`` into the pool's ``block_ids``, in the
+        tier's I/O thread. Returns how many, from the first, are in: a block that fails
+        its checks stops the read there (the rest is computed)."""
+        disk = self.disk
+        assert disk is not None
+
+        def sink(first: int, rows: Any) -> None:
+            self._write_blocks(block_ids[first:first + len(rows)], rows)
+
+        return await disk.read(hashes, sink)
+
     def residency_changes(self) -> dict[int, str | None]:
         """Each block whose fastest tier changed, with that tier (None: gone)."""
         pool = self._pool
         if pool is None:
             return {}
-        host = self.host
+        host, disk = self.host, self.disk
         if host is None:
             return {h: "device" if held else None for h, held in pool.drain_changes().items()}
         changed = pool.drain_changes()
         changed.update(host.drain_changes())
-        return {h: "device" if pool.holds(h) else "host" if h in host else None
-                for h in changed}
+        if disk is None:
+            return {h: "device" if pool.holds(h) else "host" if h in host else None
+                    for h in changed}
+        changed.update(disk.drain_changes())
+        return {h: "device" if pool.holds(h) else "host" if h in host
+                else "disk" if h in disk else None for h in changed}
+
+    def _tier_usage(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Blocks held and room, per tier, for the load report and ``/health``."""
+        held, room = {}, {}
+        pool = self._pool
+        if pool is not None:
+            held["device"], room["device"] = pool.num_active + pool.num_cached, pool.num_blocks
+        if self.host is not None:
+            held["host"], room["host"] = len(self.host), self.host.capacity
+        if self.disk is not None and self.disk.disabled is None:
+            held["disk"], room["disk"] = len(self.disk), self.disk.capacity
+        return held, room
 
     @property
     def pool(self) -> BlockPool:

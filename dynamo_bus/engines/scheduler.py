@@ -14,8 +14,8 @@ tokens themselves (``reference``) or pretend to (``mock``).
   preempted (its blocks freed; it re-prefills later, usually from the prefix cache);
 * with a host tier (G2, :mod:`dynamo_bus.kvbm`), the blocks a step's planning evicted
   are copied there before the step runs, and an admitted request whose prefix goes on
-  in G2 past what the pool holds waits, out of the steps, while those blocks are
-  copied back; then it prefills only the rest.
+  in G2 (and then in the disk tier, G3) past what the pool holds waits, out of the
+  steps, while those blocks are copied back; then it prefills only the rest.
 
 A subclass only says how a step is executed: :meth:`BatchingEngine._execute` gets the
 step's prefill chunks and decode tokens and returns one :class:`Sampled` token for every
@@ -55,11 +55,14 @@ class BatchingEngine(PagedKVEngine):
                  context_length: int = 8192, block_size: int = 16, num_blocks: int = 16384,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  host_blocks: int = 0, kv_policy: str = "lru",
-                 kv_offload: str = "evict") -> None:
+                 kv_offload: str = "evict", disk_blocks: int = 0, disk_dir: str = "",
+                 disk_admit_after: int = 2) -> None:
         if min(context_length, block_size, num_blocks, max_num_seqs,
                max_num_batched_tokens, vocab_size) < 1:
             raise ValueError("sizes must be positive")
-        super().__init__(host_blocks=host_blocks, kv_policy=kv_policy, kv_offload=kv_offload)
+        super().__init__(host_blocks=host_blocks, kv_policy=kv_policy, kv_offload=kv_offload,
+                         disk_blocks=disk_blocks, disk_dir=disk_dir,
+                         disk_admit_after=disk_admit_after)
         self.model = model
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -75,7 +78,7 @@ class BatchingEngine(PagedKVEngine):
         self._waiting: deque[Seq] = deque()
         self._running: dict[str, Seq] = {}  # admission order: the last is preempted first
         self._closed: str | None = None     # why new requests are refused
-        self._onboards: set[asyncio.Future[None]] = set()  # copies in from the host tier
+        self._onboards: set[asyncio.Future[None]] = set()  # copies in from G2 and G3
         self._copied_out: asyncio.Future[None] | None = None  # this planning's evictions saved
 
     # -- what a subclass provides -----------------------------------------------------
@@ -123,7 +126,7 @@ class BatchingEngine(PagedKVEngine):
         if self._task is not None:
             return
         await self._load()
-        self._start_tiers(BlockPool(self.num_blocks, self.block_size))
+        await self._start_tiers(BlockPool(self.num_blocks, self.block_size))
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-engine-{self.model}")
 
     async def stop(self) -> None:
@@ -137,8 +140,7 @@ class BatchingEngine(PagedKVEngine):
             await asyncio.wait({task})
         if self._copied_out is not None and not self._copied_out.done():
             self._copied_out.set_result(None)  # copies not begun see _closed and skip
-        if self._onboards:  # copies under way end before the KV they write into goes
-            await asyncio.wait(list(self._onboards))
+        await self._stop_tiers(self._onboards)
         if task is not None:
             await self._unload()
 
@@ -152,11 +154,7 @@ class BatchingEngine(PagedKVEngine):
         prefill = sum(s.prefill_target - s.num_computed for s in self._running.values()
                       if s.prefilling)
         prefill += sum(len(s.tokens) for s in self._waiting)
-        tiers, capacity = {}, {}
-        if pool is not None:
-            tiers["device"], capacity["device"] = pool.num_active + pool.num_cached, self.num_blocks
-        if self.host is not None:
-            tiers["host"], capacity["host"] = len(self.host), self.host.capacity
+        tiers, capacity = self._tier_usage()
         return EngineLoad(active_requests=len(self._running),
                           waiting_requests=len(self._waiting),
                           active_prefill_tokens=prefill,
@@ -290,47 +288,56 @@ class BatchingEngine(PagedKVEngine):
             return False
         block_ids, cached = pool.allocate(seq.request_id, seq.tokens, hashes=seq.hashes)
         first = cached // self.block_size
-        onboard = 0
-        if self.host is not None:  # the prefix may go on in the host tier
-            onboard = self.host.prefix(seq.hashes[first:(len(seq.tokens) - 1) // self.block_size])
+        last = (len(seq.tokens) - 1) // self.block_size  # the last token is always computed
+        host = disk = 0
+        if self.host is not None:  # the prefix may go on in the host tier, then on disk
+            host = self.host.prefix(seq.hashes[first:last])
+        if self.disk is not None:
+            self.disk.note_seen(seq.hashes, first=seq.prefill_target == 0)
+            disk = self.disk.prefix(seq.hashes[first + host:last])
         if seq.prefill_target == 0:  # first admission: what the user is told was cached
-            seq.cached_tokens = cached + onboard * self.block_size
+            seq.cached_tokens = cached + (host + disk) * self.block_size
         seq.num_computed = cached
         seq.num_in_pool = seq.prefill_target = len(seq.tokens)
         seq.running = True
         self._running[seq.request_id] = seq
-        if onboard:
-            self._begin_onboard(seq, block_ids[first:first + onboard],
-                                seq.hashes[first:first + onboard])
+        if host or disk:
+            self._begin_onboard(seq, block_ids[first:first + host + disk],
+                                seq.hashes[first:first + host],
+                                seq.hashes[first + host:first + host + disk])
         return True
 
-    def _begin_onboard(self, seq: Seq, block_ids: list[int], hashes: list[int]) -> None:
-        host = self.host
+    def _begin_onboard(self, seq: Seq, block_ids: list[int], from_host: list[int],
+                       from_disk: list[int]) -> None:
+        """Copy the prefix blocks ``from_host`` then ``from_disk`` into ``block_ids``
+        while the other requests' steps go on; ``seq`` runs when they are in."""
+        host, disk = self.host, self.disk
         assert host is not None
-        slots = host.pin(hashes)
+        slots = host.pin(from_host)
+        if disk is not None:
+            disk.pin(from_disk)  # kept from eviction until read, as the host's slots
         if self._copied_out is None:  # set once this planning's evictions are saved
             self._copied_out = asyncio.get_running_loop().create_future()
         saved = self._copied_out
 
         async def onboard() -> None:
-            ok = False
+            done = 0
             try:
                 await saved  # the blocks this planning evicted are in the host tier
                 if self._closed is None:
-                    await self._onboard_blocks(block_ids, slots)
-                    ok = True
-            except Exception:
-                log.exception("%s: copying %d blocks in from the host tier failed; "
-                              "computing them instead", self.name, len(block_ids))
+                    done = await self._onboard(block_ids, slots, from_disk)
             finally:
-                host.unpin(hashes)
+                host.unpin(from_host)
+                if disk is not None:
+                    disk.unpin(from_disk)
                 seq.onboarding = None
             if not seq.running:  # finished (aborted) meanwhile: its blocks are free now
                 self.pool.free(seq.request_id)
-            elif ok:
-                seq.num_computed += len(block_ids) * self.block_size
+                return
+            if done:
+                seq.num_computed += done * self.block_size
                 self.pool.mark_computed(seq.request_id, seq.num_computed)
-            else:
+            if done < len(block_ids):
                 seq.cached_tokens = min(seq.cached_tokens, seq.num_computed)
             self._wakeup.set()
 

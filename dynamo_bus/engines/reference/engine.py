@@ -30,6 +30,7 @@ from dynamo_bus.engines.reference.packed import PackedLinear, cpu_has_native_bf1
 from dynamo_bus.engines.reference.sampler import make_generator, sample
 from dynamo_bus.engines.scheduler import BatchingEngine
 from dynamo_bus.engines.sequence import Sampled, Seq
+from dynamo_bus.kvbm.files import blocks_in
 from dynamo_bus.models.modeldir import ModelDir
 from dynamo_bus.models.weights import ensure_weights
 
@@ -70,7 +71,8 @@ class ReferenceEngine(BatchingEngine):
                  kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 1024, seed: int | None = None,
                  cuda_graphs: bool = True, host_gib: float = 0.0,
-                 kv_policy: str = "lru", kv_offload: str = "evict") -> None:
+                 kv_policy: str = "lru", kv_offload: str = "evict", disk_gib: float = 0.0,
+                 disk_dir: str = "", disk_admit_after: int = 2) -> None:
         self.device = pick_device(device)
         self.dtype_name = pick_dtype(dtype, self.device)
         self.dtype = DTYPES[self.dtype_name]
@@ -88,7 +90,9 @@ class ReferenceEngine(BatchingEngine):
                          num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
                          host_blocks=int(host_gib * 2**30) // (per_token * block_size),
-                         kv_policy=kv_policy, kv_offload=kv_offload)
+                         kv_policy=kv_policy, kv_offload=kv_offload,
+                         disk_blocks=blocks_in(disk_gib, per_token * block_size),
+                         disk_dir=disk_dir, disk_admit_after=disk_admit_after)
         self._seed = seed
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: DecodeRunner | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from dynamo_bus.bus.messages import SamplingOptions  # noqa: E402
 from dynamo_bus.engines.base import EngineOutput, EngineRequest  # noqa: E402
 from dynamo_bus.engines.reference.engine import ReferenceEngine  # noqa: E402
 from dynamo_bus.hashing import sequence_hashes  # noqa: E402
+from dynamo_bus.kvbm.files import HEADER_BYTES  # noqa: E402
 from dynamo_bus.models.modeldir import ModelDir  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -244,3 +246,81 @@ async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
             assert cold == expected[4]
     finally:
         await eng.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_a_prefix_from_the_disk_tier_gives_the_cold_output(
+        dtype: str, fp32_dir: Path, model_dir: ModelDir, tokenizer: Any,
+        expected: list[list[int]], tmp_path: Path) -> None:
+    pytest.importorskip("nixl_cu12")
+    model = dataclasses.replace(model_dir, path=fp32_dir if dtype == "float32" else model_dir.path)
+    block = ReferenceEngine(model, dtype=dtype, device="cpu").kv_bytes_per_token * 16
+
+    def make() -> ReferenceEngine:  # G1 9 blocks, G2 4, G3 on disk, every block admitted
+        return ReferenceEngine(model, dtype=dtype, device="cpu", threads=2, num_blocks=9,
+                               max_num_batched_tokens=BUDGET, host_gib=4 * block / 2**30,
+                               disk_gib=256 * (block + 8192) / 2**30, disk_dir=str(tmp_path),
+                               disk_admit_after=1)
+
+    ids = tokenizer(PROMPTS[4]).input_ids
+    prefix = sequence_hashes(ids, 16)[:(len(ids) - 1) // 16]
+    others = {i: tokenizer(PROMPTS[i] * 2).input_ids for i in (0, 1, 2, 3)}
+
+    async def push_out(eng: ReferenceEngine) -> None:
+        """Other answers push the prefix out of the pool and the host tier."""
+        for i, other in others.items():
+            await run(eng, req(f"other{i}-{len(tmp_path.name)}", other))
+        assert eng.disk is not None and eng.host is not None
+        await eng.disk.flush()
+        assert eng.pool.lookup(prefix) == [] and eng.host.prefix(prefix) == 0
+
+    eng = make()
+    await eng.start()
+    try:
+        cold = tokens(await run(eng, req("cold", ids)))
+        await push_out(eng)
+        disk = eng.disk
+        assert disk is not None and disk.prefix(prefix) == len(prefix) > 0
+        changes = eng.residency_changes()
+        assert {changes[h] for h in prefix} == {"disk"}  # moved down a tier, not gone
+        warm = await run(eng, req("warm", ids))
+        assert warm[0].cached_tokens == len(prefix) * 16 and disk.onboarded >= len(prefix)
+        assert tokens(warm) == cold
+    finally:
+        await eng.stop()
+
+    eng = make()  # a restart with the same directory finds the blocks again
+    await eng.start()
+    try:
+        disk = eng.disk
+        assert disk is not None and disk.prefix(prefix) == len(prefix)
+        changes = eng.residency_changes()
+        assert {changes[h] for h in prefix} == {"disk"}  # and republishes them
+        warm = await run(eng, req("restarted", ids))
+        assert warm[0].cached_tokens == len(prefix) * 16
+        assert tokens(warm) == cold
+        files = disk.files
+        assert files is not None and files.directory is not None
+        index, i = divmod(disk.slot(prefix[0]), files.slots_per_file)
+        path = next(files.directory.glob(f"kv-*-{index:04d}.blocks"))
+        where = i * files.slot_bytes + HEADER_BYTES + 1000
+    finally:
+        await eng.stop()
+
+    fd = os.open(path, os.O_RDWR)  # one bit of the prefix's first block flips on disk
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, where)[0] ^ 1]), where)
+    finally:
+        os.close(fd)
+    eng = make()
+    await eng.start()
+    try:
+        disk = eng.disk
+        assert disk is not None and disk.prefix(prefix) == len(prefix)  # the header is fine
+        again = await run(eng, req("corrupt", ids))
+        assert tokens(again) == cold  # the bad block was computed, never read
+        assert disk.corrupt == 1 and prefix[0] not in disk
+    finally:
+        await eng.stop()
+    if dtype == "float32":
+        assert cold == expected[4]
