@@ -127,6 +127,15 @@ def _add_simulate(sub: typing.Any) -> None:
     sim.add_argument("--host-gib-per-s", type=_number(float, 0, above=True), default=51.0,
                      help="host tier to device copy bandwidth, GiB/s (default %(default)g, "
                           "pinned host to device on an H200)")
+    sim.add_argument("--disk-blocks", type=_number(int, 0), default=0,
+                     help="KV blocks per worker in a disk tier below the host tier; 0: none "
+                          "(default %(default)s)")
+    sim.add_argument("--disk-gib-per-s", type=_number(float, 0, above=True), default=1.1,
+                     help="disk tier read bandwidth, GiB/s (default %(default)g, O_DIRECT "
+                          "reads through NIXL measured here)")
+    sim.add_argument("--disk-admit", type=_number(int, 1), default=2,
+                     help="requests that must ask for a block before the disk tier takes it "
+                          "(default %(default)s; 1: every block)")
     sim.add_argument("--kv-policy", default="lru", choices=["lru", "lfu"],
                      help="eviction policy in every tier (default %(default)s)")
     sim.add_argument("--strategy", default="kv_aware", choices=_STRATEGIES,
@@ -244,7 +253,9 @@ def _simulate(args: argparse.Namespace, argv: list[str]) -> int:
                     max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                     engine_speedup=args.engine_speedup, arrival_speedup=args.speedup,
                     residency_lag=args.residency_lag_ms / 1000, host_blocks=args.host_blocks,
-                    host_bandwidth=args.host_gib_per_s * 2**30, kv_policy=args.kv_policy)
+                    host_bandwidth=args.host_gib_per_s * 2**30, disk_blocks=args.disk_blocks,
+                    disk_bandwidth=args.disk_gib_per_s * 2**30, disk_admit=args.disk_admit,
+                    kv_policy=args.kv_policy)
     result = simulate(trace, s)
     shown = {k: v for k, v in vars(s).items() if k != "weights"}
     shown.update(overlap_weight=s.weights.overlap_weight, temperature=s.weights.temperature)

@@ -33,7 +33,7 @@ from dynamo_bus.bus.messages import (
     SamplingOptions,
 )
 from dynamo_bus.engines.base import EngineRequest
-from dynamo_bus.engines.mock import HOST_BANDWIDTH, MockEngine
+from dynamo_bus.engines.mock import DISK_BANDWIDTH, HOST_BANDWIDTH, MockEngine
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
 from dynamo_bus.routing.policy import KvWeights, RoutingPolicy
 from dynamo_bus.traces.mooncake import TraceRequest, synth_tokens
@@ -120,6 +120,9 @@ class SimSettings:
     residency_lag: float = 0.0        # seconds between an engine's change and the index
     host_blocks: int = 0              # per worker: the host tier (G2) below the pool; 0: none
     host_bandwidth: float = HOST_BANDWIDTH  # bytes/s, host tier to device
+    disk_blocks: int = 0              # per worker: the disk tier (G3) below G2; 0: none
+    disk_bandwidth: float = DISK_BANDWIDTH  # bytes/s, disk tier to device
+    disk_admit: int = 2               # requests that must ask for a block before G3 takes it
     kv_policy: str = "lru"            # eviction in every tier
 
 
@@ -156,7 +159,8 @@ def _engines(s: SimSettings) -> dict[str, MockEngine]:
                                 max_num_batched_tokens=s.max_batched_tokens,
                                 speedup=s.engine_speedup, clock=clock,
                                 host_blocks=s.host_blocks, host_bandwidth=s.host_bandwidth,
-                                kv_policy=s.kv_policy)
+                                disk_blocks=s.disk_blocks, disk_bandwidth=s.disk_bandwidth,
+                                disk_admit_after=s.disk_admit, kv_policy=s.kv_policy)
             for i in range(s.workers)}
 
 

@@ -224,6 +224,11 @@ class FakeKVEngine(BatchingEngine):
             for b in range(seq.num_computed // BS, end // BS):
                 self.kv[table[b]] = float(seq.hashes[b] % (1 << 40))
             out.append(Sampled(1) if end == seq.prefill_target else None)
+        for seq in decodes:  # a decode token that fills its block completes that block
+            pos = seq.num_computed
+            if (pos + 1) % BS == 0:
+                block = self.pool.block_table(seq.request_id)[pos // BS]
+                self.kv[block] = float(self.pool._blocks[block].hash % (1 << 40))
         await asyncio.sleep(0)
         return out + [Sampled(1) for _ in decodes]
 
