@@ -83,11 +83,12 @@ class PagedKVEngine(Engine):
         if self.disk_blocks > 0:
             files = None
             if self.host is not None and self.host.data is not None and self.disk_dir:
-                shape, dtype = tuple(self.host.data.shape[1:]), self.host.data.dtype
+                rows = self.host.data
                 # What a block's bytes mean: only an engine that agrees reads them back.
-                fingerprint = fingerprint_digest(self.fingerprint, shape, dtype)
-                files = BlockFiles(self.disk_dir, self.disk_blocks, block_shape=shape,
-                                   dtype=dtype, fingerprint=fingerprint)
+                fingerprint = fingerprint_digest(self.fingerprint, rows.shape[1:], rows.dtype)
+                files = BlockFiles(self.disk_dir, self.disk_blocks,
+                                   block_shape=tuple(rows.shape[1:]), dtype=rows.dtype,
+                                   fingerprint=fingerprint)
             self.disk = DiskTier(self.disk_blocks, policy=make_policy(self.kv_policy),
                                  files=files, admit_after=self.disk_admit_after)
             await self.disk.start()
