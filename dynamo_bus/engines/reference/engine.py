@@ -254,26 +254,38 @@ class ReferenceEngine(BatchingEngine):
         return torch.stack([layer.index_select(0, ids) for layer in kv.layers], dim=1)
 
     def _write_blocks(self, block_ids: list[int], data: Any) -> None:
-        kv = self._cache()
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        data = torch.as_tensor(data).to(self.device, self.dtype)
-        for i, layer in enumerate(kv.layers):
-            layer.index_copy_(0, ids, data[:, i].contiguous())
+        data = torch.as_tensor(data)
+        if data.dtype != self.dtype:
+            data = data.to(self.dtype)
+        self._scatter(block_ids, data, list(range(len(block_ids))))
 
     async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
         host = self.host
         assert host is not None
+        await asyncio.to_thread(self._scatter, block_ids, host.data, slots)
+
+    def _scatter(self, block_ids: list[int], src: torch.Tensor, rows: list[int]) -> None:
+        """Copy blocks ``src[rows[j]]`` (export layout, any device) into the pool's
+        ``block_ids[j]``. The pool is one tensor per layer, so each layer's part of a
+        block is a strided run of ``src``: where block ids and rows both run on, one copy
+        per run and layer moves them straight; else per layer one gather of the rows
+        and one scatter into the pool."""
         kv = self._cache()
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        rows = torch.tensor(slots, dtype=torch.int64)
-
-        def copy() -> None:
-            # Per layer: gather the slots' rows (contiguous), then one scatter into the
-            # pool; no intermediate copy of every layer at once.
+        runs: list[tuple[int, int, int]] = []  # (first block id, first row, length)
+        for b, r in zip(block_ids, rows, strict=True):
+            if runs and runs[-1][0] + runs[-1][2] == b and runs[-1][1] + runs[-1][2] == r:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((b, r, 1))
+        if 4 * len(runs) <= len(block_ids):
             for i, layer in enumerate(kv.layers):
-                layer.index_copy_(0, ids, host.data[rows, i].to(self.device))
-
-        await asyncio.to_thread(copy)
+                for b, r, n in runs:
+                    layer[b:b + n].copy_(src[r:r + n, i])
+            return
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        index = torch.tensor(rows, dtype=torch.int64, device=src.device)
+        for i, layer in enumerate(kv.layers):
+            layer.index_copy_(0, ids, src[:, i].index_select(0, index).to(self.device))
 
     def _cache(self) -> KVCache:
         if self._kv is None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import tempfile
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dynamo_bus.config import Config
+from dynamo_bus.engines import make_engine
 from dynamo_bus.engines.mock import MockEngine
+from dynamo_bus.errors import ConfigError
 from dynamo_bus.hashing import sequence_hashes
 from dynamo_bus.kvbm.disk import DiskTier
 from dynamo_bus.kvbm.tier import BlockTier
@@ -142,3 +146,17 @@ def test_every_tier_keeps_its_invariants_under_random_load(
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(body(directory))
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    ({"kvbm_disk_gib": 1.0}, "--kvbm-disk-dir"),
+    ({"kvbm_disk_dir": "/tmp/kv"}, "--kvbm-disk-gib is 0"),
+    ({"kvbm_disk_gib": 1.0, "kvbm_disk_dir": "/tmp/kv", "kvbm_host_gib": 0.0}, "host tier"),
+    ({"kvbm_disk_gib": -1.0}, ">= 0"),
+    ({"kvbm_disk_admit": 0}, ">= 1"),
+])
+def test_disk_tier_settings_that_cannot_work_are_refused(flags: dict[str, object],
+                                                         says: str) -> None:
+    cfg = msgspec.structs.replace(Config(engine="reference"), **flags)
+    with pytest.raises(ConfigError, match=says):
+        make_engine(cfg, None, "m")  # type: ignore[arg-type]  # refused before the model
