@@ -46,12 +46,29 @@ class PagedKVEngine(Engine):
         self.host_blocks = host_blocks      # G2 size; 0: no host tier
         self.kv_policy = kv_policy
         self.host: HostTier | None = None
+        self._planned: set[str] = set()  # the requests of the step planned last; of
+        self._free_after_step: list[str] = []  # those finished since, the blocks go later
         self.disk_blocks = disk_blocks      # G3 size; 0: no disk tier
         self.disk_dir = disk_dir            # where G3 keeps its files ("": no files)
         self.disk_admit_after = disk_admit_after
         self.disk: DiskTier | None = None
         if disk_blocks > 0 and host_blocks <= 0:
             raise ValueError("a disk tier needs a host tier above it (--kvbm-host-gib)")
+
+    def _free_blocks(self, request_id: str) -> None:
+        """Give a finished request's blocks back: now, or, if a step was planned with
+        them, once it ran (it still writes them, and a block it completes is found by
+        its hash only once its KV is in)."""
+        if request_id in self._planned:
+            self._free_after_step.append(request_id)
+        else:
+            self.pool.free(request_id)
+
+    def _step_ran(self) -> None:
+        self._planned = set()
+        for request_id in self._free_after_step:
+            self.pool.free(request_id)
+        self._free_after_step.clear()
 
     def _kv_layout(self) -> KVLayout:
         raise NotImplementedError(f"the {self.name} engine does not move KV blocks")
@@ -118,27 +135,40 @@ class PagedKVEngine(Engine):
             await self._copy_out(self.pool.take_indexed())
 
     async def _copy_out(self, blocks: list[tuple[int, int]]) -> None:
-        """The tier's bookkeeping now, on the event loop; the copy in a thread (the
-        caller waits for it: nothing reads the new host blocks or reuses the pool blocks
-        until the scheduler's next planning)."""
-        host = self.host
+        """Save the pool's (hash, block id) ``blocks`` below it: into the host tier, and
+        what the host tier gives up for them (or has no room for) down to the disk tier,
+        if worth a write. The bookkeeping now, on the event loop; the copies in a thread
+        (the caller waits for them: nothing reads the new host blocks or reuses the pool
+        blocks until the scheduler's next planning); disk writes after, in the disk
+        tier's own thread."""
+        host, disk = self.host, self.disk
         assert host is not None
         src, slots, evicted = host.reserve([h for h, _ in blocks])
         new = [blocks[i][0] for i in src]
-        # What the host tier gave up goes down to the disk tier, if worth a write.
-        plan = self.disk.demote(evicted) if self.disk is not None else []
-        if host.data is None or not slots:
+        plan = over = []
+        if disk is not None:
+            plan = disk.demote(evicted)  # host slot -> disk
+            taken = set(src)
+            rest = [i for i, (h, _) in enumerate(blocks) if i not in taken and h not in host]
+            # More than the host tier holds at once: straight from the pool to disk.
+            over = disk.demote([(blocks[i][0], j) for j, i in enumerate(rest)])
+        if host.data is None or not (slots or over):
             host.written(new)
-            if self.disk is not None:
-                self.disk.write_later(plan)
+            if disk is not None:
+                disk.write_later(plan + over)
             return
         block_ids = [blocks[i][1] for i in src]
-        disk = self.disk
+        over_ids = [blocks[rest[j]][1] for _, j, _, _ in over]
 
         def copy() -> None:
             if disk is not None and plan:
                 disk.stage(plan, host.data)  # before the new blocks take their slots
-            host.write(slots, self._read_blocks(block_ids))
+            rows = self._read_blocks(block_ids + over_ids)
+            if slots:
+                host.write(slots, rows[:len(slots)])
+            if disk is not None and over:
+                disk.stage([(h, len(slots) + i, d, r) for i, (h, _, d, r) in enumerate(over)],
+                           rows)
 
         ok = False
         try:
@@ -150,7 +180,7 @@ class PagedKVEngine(Engine):
         finally:
             host.written(new, ok=ok)
             if disk is not None:
-                disk.write_later(plan, staged=ok)
+                disk.write_later(plan + over, staged=ok)
 
     async def _onboard_blocks(self, block_ids: list[int], slots: list[int]) -> None:
         """Copy the host tier's ``slots`` (pinned there meanwhile) into the pool's

@@ -17,16 +17,12 @@ tokens themselves (``reference``) or pretend to (``mock``).
   in G2 (and then in the disk tier, G3) past what the pool holds waits, out of the
   steps, while those blocks are copied back; then it prefills only the rest.
 
-A subclass only says how a step is executed: :meth:`BatchingEngine._execute` gets the
-step's prefill chunks and decode tokens and returns one :class:`Sampled` token for every
-sequence that needs one. Requests join and leave between any two steps. What a request
-is to the scheduler, and the checks it passes first, live in
-:mod:`dynamo_bus.engines.sequence`; the pool, residency reports and KV block
-export/import in :mod:`dynamo_bus.engines.paged_kv`.
-
-Blocks and the step: the pool is touched only by the scheduler between steps, and a
-block freed by an abort during a step is handed out again only after that step ends,
-so a step's KV writes never land in another request's block.
+A subclass only says how a step runs (:meth:`BatchingEngine._execute`). Requests join
+and leave between steps; what a request is to the scheduler lives in
+:mod:`dynamo_bus.engines.sequence`, the pool and the tiers in
+:mod:`dynamo_bus.engines.paged_kv`. The blocks of a request aborted once its step is
+planned are freed only after that step ran: a step's KV writes never land in another
+request's block, and a block the step completes holds its KV before anyone finds it.
 """
 
 from __future__ import annotations
@@ -83,20 +79,20 @@ class BatchingEngine(PagedKVEngine):
 
     # -- what a subclass provides -----------------------------------------------------
 
-    async def _load(self) -> None:
-        """Load weights / allocate device memory; runs once, in ``start()``."""
+    async def _load(self) -> None:  # weights, device memory: once, in start()
+        pass
 
-    async def _unload(self) -> None:
-        """Release what ``_load`` took; runs once, in ``stop()``."""
+    async def _unload(self) -> None:  # what _load took: once, in stop()
+        pass
 
-    def _prepare(self, seq: Seq, request: EngineRequest) -> None:
-        """Set ``seq.state`` for a request that passed validation."""
+    def _prepare(self, seq: Seq, request: EngineRequest) -> None:  # set seq.state
+        pass
 
-    def _release(self, seq: Seq) -> None:
-        """A request finished (any reason): drop its ``seq.state``."""
+    def _release(self, seq: Seq) -> None:  # a request finished: drop seq.state
+        pass
 
-    def _on_idle_wakeup(self) -> None:
-        """The scheduler had nothing to run and now has."""
+    def _on_idle_wakeup(self) -> None:  # the scheduler had nothing to run and now has
+        pass
 
     @abc.abstractmethod
     async def _execute(self, prefills: list[tuple[Seq, int]],
@@ -104,10 +100,8 @@ class BatchingEngine(PagedKVEngine):
         """Run one step: the next ``n`` prompt tokens of each prefill, the last token of
         each decode. Returns, aligned with ``prefills + decodes``, the next token of
         every sequence whose prompt is now complete (all decodes, and prefills whose
-        chunk ends the prompt) and ``None`` for the other prefill chunks.
-
-        Everything that depends on the pool must be read before the first ``await``:
-        an abort may free a sequence's blocks while the step runs."""
+        chunk ends the prompt) and ``None`` for the other prefill chunks. The sequences'
+        blocks stay theirs until the step ends, even if they are aborted meanwhile."""
 
     # -- Engine interface -------------------------------------------------------------
 
@@ -138,6 +132,7 @@ class BatchingEngine(PagedKVEngine):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait({task})
+        self._step_ran()  # no step runs any more
         if self._copied_out is not None and not self._copied_out.done():
             self._copied_out.set_result(None)  # copies not begun see _closed and skip
         await self._stop_tiers(self._onboards)
@@ -145,8 +140,7 @@ class BatchingEngine(PagedKVEngine):
             await self._unload()
 
     async def abort(self, request_id: str) -> None:
-        seq = self._requests.get(request_id)
-        if seq is not None:
+        if (seq := self._requests.get(request_id)) is not None:
             self._finish(seq, "cancelled")
 
     def load(self) -> EngineLoad:
@@ -188,9 +182,7 @@ class BatchingEngine(PagedKVEngine):
             if seq.finish is None:
                 self._finish(seq, "cancelled")
 
-    # -- admission checks -------------------------------------------------------------
-
-    def _accept(self, request: EngineRequest) -> Seq:
+    def _accept(self, request: EngineRequest) -> Seq:  # the checks before admission
         if self._closed is not None or self._task is None:
             raise Overloaded(f"{self.name} engine is not serving: "
                              f"{self._closed or 'not started'}", code="engine_stopped")
@@ -209,6 +201,8 @@ class BatchingEngine(PagedKVEngine):
         try:
             while True:
                 prefills, decodes = self._schedule()
+                self._planned = {s.request_id for s in decodes}
+                self._planned.update(s.request_id for s, _ in prefills)
                 if self.pool.has_evicted:
                     async with self._step_lock:
                         # What planning evicted goes to the host tier before anything
@@ -363,6 +357,7 @@ class BatchingEngine(PagedKVEngine):
                 if sampled is None:
                     raise RuntimeError(f"{self.name}: no token for a decode")
                 self._emit(seq, sampled)
+        self._step_ran()
 
     def _emit(self, seq: Seq, sampled: Sampled) -> None:
         token = sampled.token
@@ -387,7 +382,7 @@ class BatchingEngine(PagedKVEngine):
             return
         if seq.running:
             if seq.onboarding is None:  # else the copy under way frees them when done
-                self.pool.free(seq.request_id)
+                self._free_blocks(seq.request_id)
             del self._running[seq.request_id]
             seq.running = False
         elif seq in self._waiting:

@@ -76,7 +76,7 @@ class DiskTier(BlockTier):
         self._writes: set[asyncio.Future[None]] = set()
         if files is not None:
             self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-disk")
-            self._staging = list(range(files.staging_blocks))
+            self._staging = list(range(files.write_rows))
 
     @property
     def where(self) -> str:
@@ -92,8 +92,7 @@ class DiskTier(BlockTier):
         except (OSError, NixlError) as exc:
             self.disable(f"cannot use {self.files.root}: {exc}")
             return
-        for slot, block_hash in found:
-            self.restore(block_hash, slot)
+        self.restore(found)
         self.corrupt += dropped
         log.info("KV disk tier: %d blocks of %.0f KiB found in %s%s, room for %d; %s",
                  len(found), self.files.block_bytes / 1024, self.where,

@@ -32,14 +32,21 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from dynamo_bus.kvbm.nixl import NixlError, make_agent, run_transfer
+from dynamo_bus.kvbm.nixl import (
+    NixlError,
+    make_agent,
+    post_transfer,
+    run_transfer,
+    wait_transfer,
+)
 
 MAGIC = b"DYNBUSKV"
 VERSION = 1
 ALIGN = 4096                 # O_DIRECT: offsets, lengths and buffers on 4 KiB
 HEADER_BYTES = ALIGN         # a slot's header, padded
 FILE_BYTES = 1 << 30         # the most one block file holds
-STAGING_BYTES = 64 << 20     # each of the two staging buffers, by default
+WRITE_STAGING_BYTES = 256 << 20  # blocks on their way out: a burst of evictions
+READ_STAGING_BYTES = 64 << 20    # blocks on their way in, read in runs of this size
 MAX_WORKER_DIRS = 1024
 _HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, data bytes, fingerprint, hash,
 _CHECK = struct.Struct("<Q")            # sequence, data checksum; then the header's own
@@ -105,10 +112,12 @@ class BlockFiles:
         self.slot_bytes = slot_bytes(self.block_bytes)
         self.slots_per_file = max(1, file_bytes // self.slot_bytes)
         self.fingerprint = fingerprint
-        # Rows for blocks on their way out (and as many for the way in): what one burst
-        # of host evictions may write before the writes count as behind.
-        staging_blocks = staging_blocks or STAGING_BYTES // self.slot_bytes
-        self.staging_blocks = max(1, min(staging_blocks, capacity))
+        # Rows for blocks on their way out: what one burst of evictions may write
+        # before the writes count as behind; and twice a run of blocks on the way in.
+        self.write_rows = max(1, min(staging_blocks or WRITE_STAGING_BYTES // self.slot_bytes,
+                                     capacity))
+        self.read_rows = max(1, min(staging_blocks or READ_STAGING_BYTES // self.slot_bytes,
+                                    capacity))
         self.directory: Path | None = None
         self.direct = False          # O_DIRECT on this filesystem
         self.seq = 0                 # the last write's sequence number
@@ -129,11 +138,10 @@ class BlockFiles:
         self.root.mkdir(parents=True, exist_ok=True)
         self._claim()
         self._agent = make_agent(f"kvbm-disk-{os.getpid()}-{id(self):x}", {"POSIX": {}})
-        for name in ("write", "read"):
-            raw = torch.empty(self.staging_blocks * self.slot_bytes + ALIGN, dtype=torch.uint8)
+        for name, n in (("write", self.write_rows), ("read", 2 * self.read_rows)):
+            raw = torch.empty(n * self.slot_bytes + ALIGN, dtype=torch.uint8)
             start = (-raw.data_ptr()) % ALIGN
-            rows = raw[start:start + self.staging_blocks * self.slot_bytes].view(
-                self.staging_blocks, self.slot_bytes)
+            rows = raw[start:start + n * self.slot_bytes].view(n, self.slot_bytes)
             self._staging[name] = rows
             self._staging_regs.append(self._agent.register_memory(
                 [(rows.data_ptr(), rows.numel(), 0, "")], "DRAM"))
@@ -264,25 +272,61 @@ class BlockFiles:
              sink: Callable[[int, Any], None]) -> tuple[int, list[int]]:
         """Read the blocks ``hashes`` from ``slots`` in order, and hand each run of
         verified blocks to ``sink(first index, rows)``; stops at the first block that
-        fails its checks. Returns (how many were handed over, the hashes found bad)."""
-        done = 0
-        while done < len(slots):
-            n = min(self.staging_blocks, len(slots) - done)
-            good, bad = self._read_chunk(slots[done:done + n], hashes[done:done + n], done,
-                                         sink)
-            done += good
-            if bad is not None:
-                return done, [bad]
-        return done, []
+        fails its checks. Runs are read ahead: the next one's transfer is under way
+        while this one is checked and handed over. Returns (how many were handed over,
+        the hashes found bad)."""
+        n = self.read_rows
+        runs = [(lo, min(lo + n, len(slots))) for lo in range(0, len(slots), n)]
+        ahead = self._post_read(0, slots[:runs[0][1]]) if runs else None
+        for k, (lo, hi) in enumerate(runs):
+            buf = self._staging["read"][(k % 2) * n:(k % 2) * n + hi - lo]
+            try:
+                handle, ahead = ahead, None
+                wait_transfer(self._agent, handle)
+                ok = True
+            except NixlError:
+                ok = False
+            if k + 1 < len(runs):
+                ahead = self._post_read(((k + 1) % 2) * n, slots[hi:runs[k + 1][1]])
+            try:
+                if ok:
+                    good = self._check(buf, hashes[lo:hi], lo, sink)
+                else:  # read again, run by run, to tell a cut file from a failing disk
+                    good = self._read_chunk(buf, slots[lo:hi], hashes[lo:hi], lo, sink)
+            except BaseException:
+                self._settle(ahead)
+                raise
+            if good < hi - lo:
+                self._settle(ahead)
+                return lo + good, [hashes[lo + good]]
+        return len(slots), []
 
-    def _read_chunk(self, slots: Sequence[int], hashes: Sequence[int], first: int,
-                    sink: Callable[[int, Any], None]) -> tuple[int, int | None]:
+    def _post_read(self, row: int, slots: Sequence[int]) -> Any:
         staging = self._staging["read"]
         where = [self._where(s) for s in slots]
-        n = len(slots)
+        agent = self._agent
+        return post_transfer(
+            agent, "READ",
+            agent.get_xfer_descs([(staging[row + i].data_ptr(), self.slot_bytes, 0)
+                                  for i in range(len(slots))], "DRAM"),
+            agent.get_xfer_descs([(off, self.slot_bytes, fd) for fd, off in where], "FILE"),
+            agent.name)
+
+    def _settle(self, handle: Any) -> None:
+        """Wait out a read ahead whose blocks are no longer wanted."""
+        if handle is not None:
+            try:
+                wait_transfer(self._agent, handle)
+            except NixlError:
+                pass
+
+    def _read_chunk(self, buf: Any, slots: Sequence[int], hashes: Sequence[int],
+                    first: int, sink: Callable[[int, Any], None]) -> int:
+        """Read and check one run without reading ahead; how many blocks are good."""
+        where = [self._where(s) for s in slots]
         try:
-            self._transfer("READ", [(staging[i].data_ptr(), self.slot_bytes, 0)
-                                    for i in range(n)],
+            self._transfer("READ", [(buf[i].data_ptr(), self.slot_bytes, 0)
+                                    for i in range(len(slots))],
                            [(off, self.slot_bytes, fd) for fd, off in where])
         except NixlError:
             # A file cut short reads short: the blocks from there on are bad, not the disk.
@@ -290,18 +334,20 @@ class BlockFiles:
                         if os.fstat(fd).st_size < off + self.slot_bytes), None)
             if cut is None:
                 raise
-            if cut:
-                good, bad = self._read_chunk(slots[:cut], hashes[:cut], first, sink)
-                if bad is not None:
-                    return good, bad
-            return cut, hashes[cut]
+            return self._read_chunk(buf, slots[:cut], hashes[:cut], first, sink) if cut else 0
+        return self._check(buf, hashes, first, sink)
+
+    def _check(self, buf: Any, hashes: Sequence[int], first: int,
+               sink: Callable[[int, Any], None]) -> int:
+        """Hand the leading blocks of ``buf`` that pass their checks to ``sink``; how
+        many did."""
         good = 0
-        while good < n and self._verify(staging[good], hashes[good]):
+        while good < len(hashes) and self._verify(buf[good], hashes[good]):
             good += 1
         if good:
-            rows = staging[:good, HEADER_BYTES:HEADER_BYTES + self.block_bytes]
+            rows = buf[:good, HEADER_BYTES:HEADER_BYTES + self.block_bytes]
             sink(first, rows.view(self.dtype).unflatten(1, self.block_shape))
-        return good, (hashes[good] if good < n else None)
+        return good
 
     def _verify(self, slot: Any, block_hash: int) -> bool:
         header = _unpack_header(slot[:64].numpy().tobytes())

@@ -51,20 +51,40 @@ def make_agent(name: str, backends: dict[str, dict[str, str]]) -> Any:
 def run_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str) -> None:
     """Post one transfer (``"READ"`` or ``"WRITE"`` of ``remote`` from/to ``local``) and
     wait for it, in the calling thread; raises :class:`NixlError` when it fails."""
-    handle = agent.initialize_xfer(op, local, remote, peer)
+    wait_transfer(agent, post_transfer(agent, op, local, remote, peer))
+
+
+def post_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str) -> Any:
+    """Start a transfer; its handle is for :func:`wait_transfer`."""
     try:
-        state = agent.transfer(handle)
+        handle = agent.initialize_xfer(op, local, remote, peer)
+    except Exception as exc:  # the bindings raise their own types
+        raise NixlError(f"NIXL {op} failed: {exc!r}") from exc
+    try:
+        if agent.transfer(handle) == "ERR":
+            raise NixlError(f"NIXL {op} failed")
+    except BaseException as exc:
+        agent.release_xfer_handle(handle)
+        if isinstance(exc, NixlError):
+            raise
+        raise NixlError(f"NIXL {op} failed: {exc!r}") from exc
+    return handle
+
+
+def wait_transfer(agent: Any, handle: Any) -> None:
+    """Wait for a posted transfer to end, then release it; raises :class:`NixlError`
+    when it failed."""
+    try:
         spins = 0
-        while state not in ("DONE", "ERR"):
+        while (state := agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
             spins += 1
             if spins > 32:  # I/O takes a while: give the core back between checks
                 time.sleep(50e-6)
-            state = agent.check_xfer_state(handle)
         if state == "ERR":
-            raise NixlError(f"NIXL {op} failed")
+            raise NixlError("NIXL transfer failed")
     except NixlError:
         raise
-    except Exception as exc:  # the bindings raise their own types on backend errors
-        raise NixlError(f"NIXL {op} failed: {exc!r}") from exc
+    except Exception as exc:
+        raise NixlError(f"NIXL transfer failed: {exc!r}") from exc
     finally:
         agent.release_xfer_handle(handle)

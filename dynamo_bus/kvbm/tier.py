@@ -105,15 +105,22 @@ class BlockTier:
                 else:
                     self._drop(h)
 
-    def restore(self, block_hash: int, slot: int) -> None:
-        """Hold ``block_hash`` in ``slot``, already written (a tier that keeps its data
-        across restarts finds it again); oldest first, as the policy orders them."""
-        if block_hash in self._slot or slot not in self._free:
-            raise ValueError(f"slot {slot} or block {block_hash:#x} is taken")
-        self._free.remove(slot)
-        self._slot[block_hash] = slot
-        self.policy.insert(block_hash)
-        self._note(block_hash, True)
+    def restore(self, blocks: Iterable[tuple[int, int]]) -> None:
+        """Hold these (slot, hash) blocks, already written: a tier that keeps its data
+        across restarts finds it again. Oldest first, as the policy orders them; for an
+        empty tier."""
+        if self._slot:
+            raise RuntimeError("restore is for an empty tier")
+        for slot, block_hash in blocks:
+            if block_hash in self._slot or not 0 <= slot < self.capacity:
+                raise ValueError(f"block {block_hash:#x} or slot {slot} given twice")
+            self._slot[block_hash] = slot
+            self.policy.insert(block_hash)
+            self._note(block_hash, True)
+        taken = set(self._slot.values())
+        if len(taken) != len(self._slot):
+            raise ValueError("two blocks restored to one slot")
+        self._free = [s for s in range(self.capacity - 1, -1, -1) if s not in taken]
 
     def pin(self, hashes: Sequence[int]) -> list[int]:
         """The slots of the blocks ``hashes`` (all held), kept from eviction until
