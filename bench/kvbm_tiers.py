@@ -268,7 +268,7 @@ async def engine_part(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await eng.stop()
 
-    # G3: a host tier of 64 blocks over a disk tier; two other prompts push the first
+    # G3: a host tier of 64 blocks over a disk tier; three other prompts push the first
     # one out of the pool and then out of the host tier, down to disk.
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as directory:
         block = _engine(1, 0.0, args.dtype).kv_bytes_per_token * 16
@@ -277,12 +277,13 @@ async def engine_part(args: argparse.Namespace) -> dict[str, Any]:
         await eng.start()
         try:
             await _ttft(eng, "cold", ids)
-            for seed in (2, 3):
+            for seed in (2, 3, 4):
                 await _ttft(eng, f"other{seed}", _prompt(seed, n))
             await eng.disk.flush()
-            hashes = sequence_hashes(ids, 16)
-            where = {"g1": len(eng.pool.lookup(hashes)), "g2": eng.host.prefix(hashes),
-                     "g3": eng.disk.prefix(hashes)}
+            hashes = sequence_hashes(ids, 16)[:(n - 1) // 16]
+            g1_n = len(eng.pool.lookup(hashes))  # where the prefix is, as admission finds it
+            g2_n = eng.host.prefix(hashes[g1_n:])
+            where = {"g1": g1_n, "g2": g2_n, "g3": eng.disk.prefix(hashes[g1_n + g2_n:])}
             g3, g3_cached = await _ttft(eng, "g3", ids)
             print(f"  TTFT {n} tokens: G3 {g3:.0f} ms ({where})", flush=True)
             g3_onboard = await _g3_onboard(eng, args)
