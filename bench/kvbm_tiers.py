@@ -352,6 +352,8 @@ def write(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> None:
         s = res["sim"]
         lines += [f"## Simulation: {s['requests']} requests of `synthetic_trace.jsonl`, "
                   f"{args.workers} workers x {args.blocks:,} device blocks", "",
+                  *([f"(Not run this time: the figures of git {s['from']}.)", ""]
+                    if "from" in s else []),
                   "kv_aware routing, Dynamo mocker timing, block size 16. Prefix hit rate = "
                   "cached prompt tokens / prompt tokens; TTFT in simulated ms from arrival.",
                   "Disk reads are charged at 1.1 GiB/s (O_DIRECT through NIXL, measured here); "
