@@ -23,6 +23,7 @@ from dynamo_bus.engines.block_pool import BlockPool
 from dynamo_bus.kvbm.disk import DiskTier
 from dynamo_bus.kvbm.files import BlockFiles, fingerprint_digest
 from dynamo_bus.kvbm.host import HostTier
+from dynamo_bus.kvbm.nixl import ucx_agent
 from dynamo_bus.kvbm.policy import make_policy
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class PagedKVEngine(Engine):
         self.disk_dir = disk_dir            # where G3 keeps its files ("": no files)
         self.disk_admit_after = disk_admit_after
         self.disk: DiskTier | None = None
+        self._transfers: Any = None  # the NIXL agent other workers read G2 through
         if disk_blocks > 0 and host_blocks <= 0:
             raise ValueError("a disk tier needs a host tier above it (--kvbm-host-gib)")
 
@@ -117,6 +119,37 @@ class PagedKVEngine(Engine):
             await asyncio.wait(list(onboards))
         if self.disk is not None:
             await self.disk.close()
+        if self.host is not None:
+            self.host.deregister()
+
+    async def open_transfers(self, name: str) -> Any:
+        """The NIXL agent (UCX) through which other workers read this engine's host
+        tier; made, and the tier registered with it, on the first call. Its metadata
+        (``get_agent_metadata()``) grants access to that memory: never log it."""
+        if self._transfers is None:
+            host = self.host
+            if host is None or host.data is None:
+                raise RuntimeError(f"the {self.name} engine has no host tier to read from")
+            agent = await asyncio.to_thread(ucx_agent, name)
+            host.register(agent)
+            self._transfers = agent
+        return self._transfers
+
+    def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], bytes]:
+        """Pin the leading ``hashes`` the host tier holds and describe them for a NIXL
+        READ (serialized descriptors, in order); ``return_host_blocks`` unpins them
+        once read. Needs ``open_transfers`` first."""
+        host, agent = self.host, self._transfers
+        if host is None or agent is None:
+            raise RuntimeError("open_transfers first")
+        held = list(hashes[:host.prefix(hashes)])
+        slots = host.pin(held)
+        return held, agent.get_serialized_descs(
+            agent.get_xfer_descs(host.descriptors(slots), "DRAM"))
+
+    def return_host_blocks(self, hashes: list[int]) -> None:
+        if self.host is not None:
+            self.host.unpin(hashes)
 
     def _pin_host(self) -> bool:
         return False

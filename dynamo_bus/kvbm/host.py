@@ -6,7 +6,8 @@ recomputed. The blocks live in one buffer allocated once (page-locked when the e
 runs on CUDA, as DMA and NIXL need it): ``[capacity, *block_shape]`` of the engine's KV
 dtype, one block per slot in the engine's export layout
 (:class:`~dynamo_bus.engines.base.KVLayout`). Which block is in which slot is the
-bookkeeping of :class:`~dynamo_bus.kvbm.tier.BlockTier`.
+bookkeeping of :class:`~dynamo_bus.kvbm.tier.BlockTier`. Registered with a NIXL agent
+(UCX), the buffer is what another worker reads blocks out of.
 
 A tier without ``block_shape`` keeps the bookkeeping only: the simulated engine has no
 KV data, and charges transfer time from a bandwidth model instead.
@@ -31,10 +32,31 @@ class HostTier(BlockTier):
                  pin: bool = False) -> None:
         super().__init__(capacity, policy=policy)
         self.data: Any = None
+        self._nixl: tuple[Any, Any] | None = None  # (agent, registration)
         if block_shape is not None:
             import torch
 
             self.data = torch.empty((capacity, *block_shape), dtype=dtype, pin_memory=pin)
+
+    def register(self, agent: Any) -> None:
+        """Register the buffer with a NIXL agent (host memory, once): another agent
+        then reads blocks straight out of it, by the ``descriptors`` of their slots."""
+        if self.data is None:
+            raise ValueError("a host tier without KV data has nothing to register")
+        self._nixl = (agent, agent.register_memory(
+            [(self.data.data_ptr(), self.data.numel() * self.data.element_size(), 0, "")],
+            "DRAM"))
+
+    def deregister(self) -> None:
+        if self._nixl is not None:
+            agent, reg = self._nixl
+            agent.deregister_memory(reg)
+            self._nixl = None
+
+    def descriptors(self, slots: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(address, bytes, device 0) of each slot's block, for NIXL transfer lists."""
+        base, size = self.data.data_ptr(), self.block_bytes
+        return [(base + s * size, size, 0) for s in slots]
 
     @property
     def block_bytes(self) -> int:

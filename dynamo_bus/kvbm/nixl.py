@@ -48,6 +48,13 @@ def make_agent(name: str, backends: dict[str, dict[str, str]]) -> Any:
     return agent
 
 
+def ucx_agent(name: str) -> Any:
+    """An agent with NIXL's UCX backend: how another worker reads memory registered
+    with it. Which transports and devices UCX uses is the operator's to say
+    (``UCX_TLS``, ``UCX_NET_DEVICES``); the tests keep it to loopback shared memory."""
+    return make_agent(name, {"UCX": {"ucx_error_handling_mode": "none"}})
+
+
 def run_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str) -> None:
     """Post one transfer (``"READ"`` or ``"WRITE"`` of ``remote`` from/to ``local``) and
     wait for it, in the calling thread; raises :class:`NixlError` when it fails."""

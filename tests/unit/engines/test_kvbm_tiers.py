@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
+import pytest
 import torch
 
 from dynamo_bus.bus.messages import SamplingOptions
@@ -249,5 +251,40 @@ async def test_evicted_blocks_reach_the_host_tier_before_onboarding_reuses_them(
         for h, slot in host._slot.items():
             assert float(host.data[slot, 0]) == float(h % (1 << 40))
         assert eng.pool.lookup(sequence_hashes(prompt(3, 97), BS)[:1])  # c in the pool
+    finally:
+        await eng.stop()
+
+
+async def test_another_agent_reads_host_tier_blocks_over_nixl(monkeypatch: Any) -> None:
+    """The host tier registered with NIXL (UCX): a second agent, given the engine's
+    agent metadata and the blocks' descriptors, reads each block's own KV."""
+    pytest.importorskip("nixl_cu12")
+    from dynamo_bus.kvbm.nixl import run_transfer, ucx_agent
+
+    monkeypatch.setenv("UCX_TLS", "self,sm")  # loopback shared memory only
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+    eng = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32)
+    await eng.start()
+    try:
+        for rid, seed in (("a", 1), ("b", 2)):  # b's blocks push a's to the host tier
+            await run(eng, req(rid, prompt(seed, 97), n=1))
+        host = eng.host
+        assert host is not None
+        in_host = [h for h in sequence_hashes(prompt(1, 97), BS) if h in host]
+        agent = await eng.open_transfers("worker-a")
+        assert await eng.open_transfers("worker-a") is agent  # made once
+        held, descs = eng.lend_host_blocks(in_host)
+        assert held == in_host and len(held) >= 3
+        reader = ucx_agent("reader")
+        got = torch.zeros(len(held), 1, dtype=torch.float64)
+        reader.register_memory([(got.data_ptr(), got.numel() * 8, 0, "")], "DRAM")
+        reader.add_remote_agent(agent.get_agent_metadata())
+        run_transfer(reader, "READ",
+                     reader.get_xfer_descs([(got[i].data_ptr(), 8, 0) for i in range(len(held))],
+                                           "DRAM"),
+                     reader.deserialize_descs(descs), "worker-a")
+        eng.return_host_blocks(held)
+        assert got[:, 0].tolist() == [float(h % (1 << 40)) for h in held]
+        assert not host._pinned
     finally:
         await eng.stop()
