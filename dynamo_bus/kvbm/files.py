@@ -137,6 +137,7 @@ class BlockFiles:
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._claim()
+        self.direct = self._probe_direct()
         self._agent = make_agent(f"kvbm-disk-{os.getpid()}-{id(self):x}", {"POSIX": {}})
         for name, n in (("write", self.write_rows), ("read", 2 * self.read_rows)):
             raw = torch.empty(n * self.slot_bytes + ALIGN, dtype=torch.uint8)
@@ -160,6 +161,20 @@ class BlockFiles:
             self._lock_fd, self.directory = fd, d
             return
         raise OSError(errno.EBUSY, f"every worker directory under {self.root} is in use")
+
+    def _probe_direct(self) -> bool:
+        """Whether this filesystem takes ``O_DIRECT`` (tmpfs, for one, does not)."""
+        assert self.directory is not None
+        probe = self.directory / "direct.probe"
+        try:
+            os.close(os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
+        return True
 
     def _path(self, index: int) -> Path:
         assert self.directory is not None
@@ -205,14 +220,8 @@ class BlockFiles:
         fd = self._fds.get(index)
         if fd is not None:
             return fd
-        path = self._path(index)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
-            self.direct = True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: no O_DIRECT on this filesystem
-                raise
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._path(index),
+                     os.O_RDWR | os.O_CREAT | (os.O_DIRECT if self.direct else 0), 0o600)
         try:
             size = self._file_size(index)
             if os.fstat(fd).st_size < size:

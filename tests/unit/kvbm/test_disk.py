@@ -287,3 +287,4 @@ def test_a_full_disk_turns_the_tier_off_with_one_line(tmp_path: Path) -> None:
     assert len(result["errors"]) == 1 and "KV disk tier off" in result["errors"][0]
     assert result["held"] == 0 and result["lost"] == [1, 2, 3, 4, 5]  # residency drops them
     assert result["after"] == 0 and result["read"] == 0
+
