@@ -198,10 +198,10 @@ class BlockFiles:
                     if offset + self.slot_bytes > size:  # cut short: the rest is gone
                         dropped += offset < size
                         break
-                    header = _unpack_header(os.pread(f.fileno(), 64, offset))
+                    raw = os.pread(f.fileno(), 64, offset)
+                    header = _unpack_header(raw)
                     if header is None:
-                        if any(os.pread(f.fileno(), 64, offset)):  # not an unused slot
-                            dropped += 1
+                        dropped += any(raw)  # all zeros: a slot never written
                         continue
                     fp, block_hash, seq, data_bytes, _ = header
                     if fp != self.fingerprint or data_bytes != self.block_bytes:
