@@ -160,7 +160,7 @@ async def _alternate(repeats: int, ours: Any, theirs: Any) -> tuple[float, float
 
 async def _g2_onboard(eng: Any, args: argparse.Namespace) -> dict[str, Any]:
     """N host blocks into N pool blocks, and a plain copy of the same bytes: with slots
-    and pool blocks in order (one strided copy per layer), and scattered."""
+    and pool blocks in order (one copy), and scattered (one copy per block)."""
     import random
 
     import torch
@@ -171,8 +171,10 @@ async def _g2_onboard(eng: Any, args: argparse.Namespace) -> dict[str, Any]:
     host.put(hashes, torch.randn((nblk, *host.data.shape[1:])).to(host.data.dtype))
     slots = host.pin(hashes)
     nbytes = nblk * host.block_bytes
-    src = torch.empty(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
+    # Both written before the copy: a never-written source reads as the kernel's shared
+    # zero page, from cache, and would flatter the baseline.
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
     out: dict[str, Any] = {"blocks": nblk, "bytes": nbytes}
     rng = random.Random(3)
     for order, block_ids, rows in (

@@ -2,8 +2,8 @@
 
 Owns :class:`ForwardBatch` (a flat varlen batch: prefill chunks and decode tokens of several
 sequences mixed, with the KV slots they write and the blocks they attend to) and
-:class:`KVCache` (the paged KV cache: per layer one
-``[num_blocks, block_size, 2, kv_heads, dim]`` tensor over the block pool's block ids).
+:class:`KVCache` (the paged KV cache: one ``[num_blocks, num_layers, block_size, 2,
+kv_heads, dim]`` tensor over the block pool's block ids, each layer a view of it).
 """
 
 from __future__ import annotations
@@ -92,19 +92,24 @@ class ForwardBatch:
 
 @dataclass
 class KVCache:
-    """The paged KV cache: per layer one ``[num_blocks, block_size, 2, kv_heads, dim]``
-    tensor, each token's K heads next to its V heads (as the fused projection emits them,
-    so a step writes both with one copy and a decode step gathers both with one), in the
-    model's dtype."""
+    """The paged KV cache, in the model's dtype: ``blocks`` is
+    ``[num_blocks, num_layers, block_size, 2, kv_heads, dim]``, each token's K heads next
+    to its V heads (as the fused projection emits them, so a step writes both with one
+    copy and a decode step gathers both with one). A block is one contiguous run of every
+    layer's K/V, the layout :class:`~dynamo_bus.engines.base.KVLayout` names: moving
+    blocks to and from a KV block manager tier is one copy per run of blocks.
+    ``layers[i]`` is layer ``i``'s ``[num_blocks, block_size, 2, kv_heads, dim]`` view,
+    what attention reads and writes."""
 
+    blocks: Tensor
     layers: list[Tensor]
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
-        shape = (num_blocks, block_size, 2, cfg.num_kv_heads, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device)
-                    for _ in range(cfg.num_layers)])
+        shape = (num_blocks, cfg.num_layers, block_size, 2, cfg.num_kv_heads, cfg.head_dim)
+        blocks = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(blocks, list(blocks.unbind(1)))
 
     @property
     def num_blocks(self) -> int:

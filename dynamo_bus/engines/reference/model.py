@@ -130,7 +130,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor,
-                batch: ForwardBatch) -> Tensor:
+                slots: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x).unflatten(1, (self.heads + 2 * self.kv_heads, self.dim))
         # RoPE on q and k together ([n, heads + kv_heads, dim]), in place; sin carries the
@@ -140,9 +140,9 @@ class Attention(nn.Module):
         qk.mul_(cos).add_(rolled)
         q = qkv[:, :self.heads]
         # Write first, then read back: a sequence's new tokens attend to themselves too.
-        # qkv[:, heads:] is each token's K heads then V heads: the cache's slot layout.
-        cache.view(-1, 2 * self.kv_heads, self.dim).index_copy_(0, batch.slot_mapping,
-                                                                qkv[:, self.heads:])
+        # qkv[:, heads:] is each token's K heads then V heads: the cache's slot layout;
+        # ``slots`` is each token's (block, offset in the block).
+        cache.index_put_(slots, qkv[:, self.heads:].unflatten(1, (2, self.kv_heads)))
         if batch.decode_blocks is not None:
             # Every decoding sequence in one call over its past, gathered block by block
             # and padded to the longest; without padding no mask, as transformers.
@@ -222,8 +222,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor,
-                batch: ForwardBatch) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
+                slots: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -321,7 +321,9 @@ class CausalLM(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         # rotate_half(x) * sin == roll(x, dim / 2) * signed_sin: first half negated.
         sin = torch.cat((-sin[..., :sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)
+        bs = kv.block_size
+        slots = (batch.slot_mapping // bs, batch.slot_mapping % bs)
         for layer, cache in zip(self.model.layers, kv.layers, strict=True):
-            x = layer(x, cos, sin, cache, batch)
+            x = layer(x, cos, sin, cache, slots, batch)
         x = self.model.norm(x[batch.logits_indices])
         return self.lm_head(x)

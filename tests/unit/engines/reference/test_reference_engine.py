@@ -216,6 +216,22 @@ async def test_kv_blocks_round_trip_between_engines(engine: ReferenceEngine,
         await other.stop()
 
 
+def test_blocks_copied_in_lands_where_asked_in_any_order(engine: ReferenceEngine) -> None:
+    """Onboarding copies host slots into pool blocks run by run, shared out to threads
+    when there are many runs: every block must land whole in its own pool block."""
+    import random
+
+    rng = random.Random(5)
+    src = torch.randn((96, 30, 16, 2, 3, 64))
+    for n, block_ids, rows in (
+            (40, list(range(10, 50)), list(range(30, 70))),           # one run
+            (64, rng.sample(range(engine.num_blocks), 64), rng.sample(range(96), 64)),
+            (48, [b for r in range(0, 48, 6) for b in range(100 + 2 * r, 106 + 2 * r)],
+             list(range(48)))):                                      # 8 runs of 6
+        engine._scatter(block_ids, src, rows)
+        assert torch.equal(engine._read_blocks(block_ids), src[rows]), n
+
+
 @pytest.mark.parametrize(("dtype", "offload"), [("float32", "evict"), ("bfloat16", "evict"),
                                                 ("float32", "write-through")])
 async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
