@@ -248,6 +248,10 @@ class Load(msgspec.Struct, omit_defaults=True):
     # name (device: cached and active blocks of the pool; host: G2).
     tier_blocks: dict[str, int] = {}
     tier_capacity: dict[str, int] = {}
+    # Counters since the worker started, per tier below the device pool: blocks stored,
+    # evicted and onboarded, bytes onboarded, seconds spent onboarding (disk: blocks
+    # skipped and found corrupt too).
+    tier_moves: dict[str, dict[str, float]] = {}
 
 
 Tier = Literal["device", "host", "disk"]

@@ -96,6 +96,9 @@ class EngineLoad(msgspec.Struct):
     total_blocks: int = 0
     tier_blocks: dict[str, int] = {}    # blocks held per KV tier (device, host, ...)
     tier_capacity: dict[str, int] = {}  # and what each tier can hold
+    # What moved through each tier below the device pool since start (blocks stored,
+    # evicted, onboarded, their bytes, seconds spent onboarding; see PagedKVEngine).
+    tier_moves: dict[str, dict[str, float]] = {}
 
 
 class Engine(abc.ABC):

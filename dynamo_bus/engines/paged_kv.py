@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from dynamo_bus.engines.base import Engine, KVBlocks, KVLayout
@@ -240,10 +241,16 @@ class PagedKVEngine(Engine):
         done = 0
         try:
             if host_slots:
+                assert self.host is not None
+                started = time.perf_counter()
                 await self._onboard_blocks(block_ids[:len(host_slots)], host_slots)
+                self.host.onboard_seconds += time.perf_counter() - started
                 done = len(host_slots)
             if from_disk:
+                assert self.disk is not None
+                started = time.perf_counter()
                 done += await self._onboard_disk(block_ids[done:], from_disk)
+                self.disk.onboard_seconds += time.perf_counter() - started
         except Exception:
             log.exception("%s: copying %d blocks in from the KV block manager failed; "
                           "computing them instead", self.name, len(block_ids) - done)
@@ -289,6 +296,27 @@ class PagedKVEngine(Engine):
         if self.disk is not None and self.disk.disabled is None:
             held["disk"], room["disk"] = len(self.disk), self.disk.capacity
         return held, room
+
+    def _tier_moves(self) -> dict[str, dict[str, float]]:
+        """What moved through each tier below the pool since start, for the load report
+        and ``/health``: blocks stored, evicted, read back (onboarded or lent), the bytes
+        read and the time spent onboarding; the disk tier's skipped and corrupt blocks."""
+        moves: dict[str, dict[str, float]] = {}
+        # A block's bytes: the host tier's rows, or what a data-less (mock) engine models.
+        block_bytes = (self.host.block_bytes if self.host is not None else 0) or int(
+            getattr(self, "kv_bytes_per_token", 0)) * self.pool.block_size
+        for tier in (self.host, self.disk):
+            if tier is None:
+                continue
+            moves[tier.name] = {
+                "stored_blocks": tier.stored, "evicted_blocks": tier.evicted,
+                "onboarded_blocks": tier.onboarded,
+                "onboarded_bytes": tier.onboarded * block_bytes,
+                "onboard_seconds": round(tier.onboard_seconds, 6)}
+        if self.disk is not None:
+            moves["disk"].update(skipped_blocks=self.disk.skipped,
+                                 corrupt_blocks=self.disk.corrupt)
+        return moves
 
     @property
     def pool(self) -> BlockPool:

@@ -154,7 +154,7 @@ class BatchingEngine(PagedKVEngine):
                           active_prefill_tokens=prefill,
                           active_blocks=pool.num_active if pool else 0,
                           total_blocks=self.num_blocks, tier_blocks=tiers,
-                          tier_capacity=capacity)
+                          tier_capacity=capacity, tier_moves=self._tier_moves())
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         seq = self._accept(request)

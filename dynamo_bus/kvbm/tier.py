@@ -42,7 +42,8 @@ class BlockTier:
         self._writing: set[int] = set()    # reserved, their data not written yet
         self.stored = 0    # blocks written in, ever
         self.evicted = 0   # blocks dropped to make room, ever
-        self.onboarded = 0  # blocks read back, ever
+        self.onboarded = 0  # blocks read back out (onboarded or lent), ever
+        self.onboard_seconds = 0.0  # time the engine spent bringing blocks in from here
 
     def __len__(self) -> int:
         return len(self._slot)

@@ -141,8 +141,10 @@ async def health(request: web.Request) -> web.Response:
         workers.append({"worker_id": reg.worker_id, "model": reg.model, "engine": reg.engine,
                         "role": reg.role, "draining": reg.draining, "capacity": reg.capacity,
                         "active_requests": load.active_requests if load else None,
-                        # KV blocks held and capacity per tier (device, host).
-                        "kv_tiers": {t: {"blocks": n, "capacity": load.tier_capacity.get(t)}
+                        # KV blocks held and capacity per tier (device, host, disk),
+                        # and what moved through the tiers below the pool.
+                        "kv_tiers": {t: {"blocks": n, "capacity": load.tier_capacity.get(t),
+                                         **load.tier_moves.get(t, {})}
                                      for t, n in load.tier_blocks.items()} if load else None})
     connected = service.requester.bus.nc.is_connected
     serving = any(w["model"] == service.model and not w["draining"] for w in workers)

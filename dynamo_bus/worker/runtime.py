@@ -219,7 +219,7 @@ class Worker:
                         active_prefill_tokens=el.active_prefill_tokens,
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
                         at=time.time(), tier_blocks=el.tier_blocks,
-                        tier_capacity=el.tier_capacity)
+                        tier_capacity=el.tier_capacity, tier_moves=el.tier_moves)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))

@@ -177,18 +177,30 @@ async def test_a_long_prompt_fits_on_the_bus_and_one_past_max_payload_is_a_413(s
 
 
 async def test_health_shows_kv_blocks_per_tier(stack) -> None:
-    s = await stack(workers=1, kvbm_host_gib=0.5)
+    # A pool of 16 blocks: a second prompt of 10 blocks pushes the first one's blocks
+    # down to the host tier, and asking the first again brings them back in from there.
+    s = await stack(workers=1, kvbm_host_gib=0.5, num_blocks=16)
     url = s.base_url.removesuffix("/v1")
-    async with aiohttp.ClientSession() as http:
+
+    async def ask(http: aiohttp.ClientSession, prompt: str) -> None:
         async with http.post(s.base_url + "/completions", json={
-                "model": MODEL, "prompt": "tiers " * 200, "max_tokens": 4}) as resp:
+                "model": MODEL, "prompt": prompt, "max_tokens": 4}) as resp:
             assert resp.status == 200
+
+    async with aiohttp.ClientSession() as http:
+        for prompt in ("tiers " * 80, "other " * 160, "tiers " * 80):  # 10 blocks each
+            await ask(http, prompt)
         for _ in range(50):  # the load report follows within a heartbeat
             async with http.get(url + "/health") as resp:
                 tiers = (await resp.json())["workers"][0]["kv_tiers"]
-            if tiers and tiers["device"]["blocks"] > 0:
+            if tiers and tiers["host"].get("onboarded_blocks"):
                 break
             await asyncio.sleep(0.1)
     # 0.5 GiB of 16-token blocks at 23,040 bytes a token (the mock's KV size).
-    assert tiers["host"] == {"blocks": 0, "capacity": 2**29 // (23040 * 16)}
-    assert tiers["device"]["capacity"] == 16384 and tiers["device"]["blocks"] >= 12
+    host = tiers["host"]
+    assert host["capacity"] == 2**29 // (23040 * 16) and host["blocks"] >= 4
+    assert tiers["device"]["capacity"] == 16 and tiers["device"]["blocks"] >= 4
+    assert host["stored_blocks"] >= 4 and host["evicted_blocks"] == 0
+    assert host["onboarded_blocks"] >= 4  # the first prompt's whole blocks, back in
+    assert host["onboarded_bytes"] == host["onboarded_blocks"] * 23040 * 16
+    assert host["onboard_seconds"] > 0
