@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "config", "hashing", "loop"},
     {"bus", "models"},
     {"kvbm"},
-    {"routing", "engines"},
+    {"routing", "engines", "transfer"},
     {"worker", "serving"},
     {"traces"},
     {"roles"},

@@ -312,6 +312,32 @@ def unpack_hashes(data: bytes) -> array[int]:
     return words
 
 
+class KVDescriptor(msgspec.Struct, omit_defaults=True):
+    """KV blocks that wait in one worker's host tier for another to READ over NIXL:
+    their chained hashes in prompt order, each one's address in the lender's registered
+    buffer, and the lease that keeps them there. The reader finds the lender's agent
+    metadata by ``agent``, READs the blocks it lacks in one transfer that notifies
+    the lender with :class:`KVReadDone`, and must not READ after ``lease_expires``."""
+
+    request_id: str
+    agent: str            # the lender's NIXL agent name
+    hashes: bytes         # pack_hashes: the blocks' chained hashes, in prompt order
+    addrs: list[int]      # addrs[i]: where block i starts in the lender's memory
+    block_bytes: int
+    kv: str               # digest of model, block shape and dtype; a reader must match
+    lease: str
+    lease_expires: float  # unix time
+    first_token: int = -1  # the prefill's sampled token, when a prefill lent the blocks
+    v: int = 1
+
+
+class KVReadDone(msgspec.Struct, omit_defaults=True):
+    """Sent with a READ of lent blocks (a NIXL notification): the lease can end."""
+
+    lease: str
+    v: int = 1
+
+
 def now_ns() -> int:
     return time.time_ns()
 
@@ -353,3 +379,5 @@ REGISTRATION: Codec[Registration] = Codec(Registration)
 LOAD: Codec[Load] = Codec(Load)
 RESIDENCY_BATCH: Codec[ResidencyBatch] = Codec(ResidencyBatch)
 RESIDENCY_SNAPSHOT: Codec[ResidencySnapshot] = Codec(ResidencySnapshot)
+KV_DESCRIPTOR: Codec[KVDescriptor] = Codec(KVDescriptor)
+KV_READ_DONE: Codec[KVReadDone] = Codec(KVReadDone)

@@ -21,10 +21,10 @@ from typing import Any
 
 from dynamo_bus.engines.base import Engine, KVBlocks, KVLayout
 from dynamo_bus.engines.block_pool import BlockPool
+from dynamo_bus.engines.kv_peers import KVPeers
 from dynamo_bus.kvbm.disk import DiskTier
 from dynamo_bus.kvbm.files import BlockFiles, fingerprint_digest
 from dynamo_bus.kvbm.host import HostTier
-from dynamo_bus.kvbm.nixl import ucx_agent
 from dynamo_bus.kvbm.policy import make_policy
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 OFFLOAD_MODES = ("evict", "write-through")  # when a block is copied to the host tier
 
 
-class PagedKVEngine(Engine):
+class PagedKVEngine(KVPeers, Engine):
     """An engine whose KV blocks are the pool's blocks; see the module docstring."""
 
     def __init__(self, *, host_blocks: int = 0, kv_policy: str = "lru",
@@ -55,6 +55,8 @@ class PagedKVEngine(Engine):
         self.disk_admit_after = disk_admit_after
         self.disk: DiskTier | None = None
         self._transfers: Any = None  # the NIXL agent other workers read G2 through
+        self._peers: set[str] = set()  # agents it has read from (their metadata added)
+        self._kv_digest = b""  # what a block's bytes mean (see kv_digest)
         if disk_blocks > 0 and host_blocks <= 0:
             raise ValueError("a disk tier needs a host tier above it (--kvbm-host-gib)")
 
@@ -97,6 +99,10 @@ class PagedKVEngine(Engine):
             block_shape, dtype = shape if shape is not None else (None, None)
             self.host = HostTier(self.host_blocks, policy=make_policy(self.kv_policy),
                                  block_shape=block_shape, dtype=dtype, pin=self._pin_host())
+            if self.host.data is not None:
+                rows = self.host.data  # what a block's bytes mean: readers must agree
+                self._kv_digest = fingerprint_digest(self.fingerprint, rows.shape[1:],
+                                                     rows.dtype)
             pool.record_evictions()
             if self.kv_offload == "write-through":
                 pool.record_indexed()
@@ -104,11 +110,9 @@ class PagedKVEngine(Engine):
             files = None
             if self.host is not None and self.host.data is not None and self.disk_dir:
                 rows = self.host.data
-                # What a block's bytes mean: only an engine that agrees reads them back.
-                fingerprint = fingerprint_digest(self.fingerprint, rows.shape[1:], rows.dtype)
                 files = BlockFiles(self.disk_dir, self.disk_blocks,
                                    block_shape=tuple(rows.shape[1:]), dtype=rows.dtype,
-                                   fingerprint=fingerprint)
+                                   fingerprint=self._kv_digest)
             self.disk = DiskTier(self.disk_blocks, policy=make_policy(self.kv_policy),
                                  files=files, admit_after=self.disk_admit_after)
             await self.disk.start()
@@ -122,35 +126,6 @@ class PagedKVEngine(Engine):
             await self.disk.close()
         if self.host is not None:
             self.host.deregister()
-
-    async def open_transfers(self, name: str) -> Any:
-        """The NIXL agent (UCX) through which other workers read this engine's host
-        tier; made, and the tier registered with it, on the first call. Its metadata
-        (``get_agent_metadata()``) grants access to that memory: never log it."""
-        if self._transfers is None:
-            host = self.host
-            if host is None or host.data is None:
-                raise RuntimeError(f"the {self.name} engine has no host tier to read from")
-            agent = await asyncio.to_thread(ucx_agent, name)
-            host.register(agent)
-            self._transfers = agent
-        return self._transfers
-
-    def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], bytes]:
-        """Pin the leading ``hashes`` the host tier holds and describe them for a NIXL
-        READ (serialized descriptors, in order); ``return_host_blocks`` unpins them
-        once read. Needs ``open_transfers`` first."""
-        host, agent = self.host, self._transfers
-        if host is None or agent is None:
-            raise RuntimeError("open_transfers first")
-        held = list(hashes[:host.prefix(hashes)])
-        slots = host.pin(held)
-        return held, agent.get_serialized_descs(
-            agent.get_xfer_descs(host.descriptors(slots), "DRAM"))
-
-    def return_host_blocks(self, hashes: list[int]) -> None:
-        if self.host is not None:
-            self.host.unpin(hashes)
 
     def _pin_host(self) -> bool:
         return False

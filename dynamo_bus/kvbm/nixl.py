@@ -55,16 +55,19 @@ def ucx_agent(name: str) -> Any:
     return make_agent(name, {"UCX": {"ucx_error_handling_mode": "none"}})
 
 
-def run_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str) -> None:
+def run_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str,
+                 notify: bytes = b"") -> None:
     """Post one transfer (``"READ"`` or ``"WRITE"`` of ``remote`` from/to ``local``) and
-    wait for it, in the calling thread; raises :class:`NixlError` when it fails."""
-    wait_transfer(agent, post_transfer(agent, op, local, remote, peer))
+    wait for it, in the calling thread; raises :class:`NixlError` when it fails.
+    ``notify``: a message the peer's agent gets once the transfer is done."""
+    wait_transfer(agent, post_transfer(agent, op, local, remote, peer, notify))
 
 
-def post_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str) -> Any:
+def post_transfer(agent: Any, op: str, local: Any, remote: Any, peer: str,
+                  notify: bytes = b"") -> Any:
     """Start a transfer; its handle is for :func:`wait_transfer`."""
     try:
-        handle = agent.initialize_xfer(op, local, remote, peer)
+        handle = agent.initialize_xfer(op, local, remote, peer, notify)
     except Exception as exc:  # the bindings raise their own types
         raise NixlError(f"NIXL {op} failed: {exc!r}") from exc
     try:

@@ -8,6 +8,7 @@ import asyncio
 import random
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 
@@ -273,7 +274,7 @@ async def test_another_agent_reads_host_tier_blocks_over_nixl(monkeypatch: Any) 
         in_host = [h for h in sequence_hashes(prompt(1, 97), BS) if h in host]
         agent = await eng.open_transfers("worker-a")
         assert await eng.open_transfers("worker-a") is agent  # made once
-        held, descs = eng.lend_host_blocks(in_host)
+        held, addrs = eng.lend_host_blocks(in_host)
         assert held == in_host and len(held) >= 3
         reader = ucx_agent("reader")
         got = torch.zeros(len(held), 1, dtype=torch.float64)
@@ -282,9 +283,76 @@ async def test_another_agent_reads_host_tier_blocks_over_nixl(monkeypatch: Any) 
         run_transfer(reader, "READ",
                      reader.get_xfer_descs([(got[i].data_ptr(), 8, 0) for i in range(len(held))],
                                            "DRAM"),
-                     reader.deserialize_descs(descs), "worker-a")
+                     reader.get_xfer_descs([(a, 8, 0) for a in addrs], "DRAM"), "worker-a")
         eng.return_host_blocks(held)
         assert got[:, 0].tolist() == [float(h % (1 << 40)) for h in held]
         assert not host._pinned
     finally:
         await eng.stop()
+
+
+async def test_a_worker_pulls_only_the_lent_blocks_it_lacks_and_the_lease_ends(
+        monkeypatch: Any) -> None:
+    """Worker B reads worker A's lent blocks over NIXL into its own host tier, by a
+    descriptor that crossed the wire, skipping the ones it holds; the READ's
+    notification ends A's lease; B then answers the prompt from those blocks."""
+    pytest.importorskip("nixl_cu12")
+    from dynamo_bus.bus.messages import KV_DESCRIPTOR, KVDescriptor, pack_hashes
+    from dynamo_bus.transfer import LeaseBook
+
+    monkeypatch.setenv("UCX_TLS", "self,sm")
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+    a = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32,
+                     kv_offload="write-through")
+    b = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32)
+    await a.start()
+    await b.start()
+    try:
+        ids = prompt(1, 97)
+        hashes = sequence_hashes(ids, BS)[:6]
+        await run(a, req("a", ids, n=1))                # write-through: all 6 in A's host
+        await run(b, req("b", ids[:2 * BS + 1], n=1))   # B computed the first 2 itself
+        assert a.kv_digest and a.kv_digest == b.kv_digest
+        await a.open_transfers("worker-a")
+        await b.open_transfers("worker-b")
+        held, addrs = a.lend_host_blocks(hashes)
+        assert held == hashes
+        leases = LeaseBook(a.return_host_blocks, ttl=30)
+        leases.grant("a.1", held)
+        wire = KV_DESCRIPTOR.encode(KVDescriptor(
+            request_id="a", agent="worker-a", hashes=pack_hashes(held), addrs=addrs,
+            block_bytes=a.host.block_bytes, kv=a.kv_digest, lease="a.1",
+            lease_expires=1e12))
+        d = KV_DESCRIPTOR.decode(wire)
+        metadata = a.transfer_metadata()
+        for bad, why in ((msgspec.structs.replace(d, kv="00" * 16), "another model"),
+                         (msgspec.structs.replace(d, addrs=addrs[:-1]), "6 blocks and 5"),
+                         (msgspec.structs.replace(d, lease_expires=1.0), "ran out")):
+            with pytest.raises(ValueError, match=why):
+                await b.pull_host_blocks(bad, metadata)
+        stored = b.host.stored
+        n = await b.pull_host_blocks(d, metadata)
+        assert n == 6 and b.host.stored == stored + 4          # the 4 it lacked, no more
+        for h in hashes[2:]:
+            assert float(b.host.data[b.host.slot(h), 0]) == float(h % (1 << 40))
+        for _ in range(100):  # the notification arrives with the transfer's completion
+            if leases.on_notices(a.transfer_notices()):
+                break
+            await asyncio.sleep(0.01)
+        assert "a.1" not in leases and not a.host._pinned
+        again = await run(b, req("b2", ids, n=1))
+        assert again[0].cached_tokens == 6 * BS               # 2 in its pool, 4 pulled
+        # Lent again to a reader that holds them all: nothing to read, the lease ends.
+        held, _ = a.lend_host_blocks(hashes)
+        leases.grant("a.2", held)
+        stored = b.host.stored
+        assert await b.pull_host_blocks(msgspec.structs.replace(d, lease="a.2"), metadata) == 6
+        assert b.host.stored == stored
+        for _ in range(100):
+            if leases.on_notices(a.transfer_notices()):
+                break
+            await asyncio.sleep(0.01)
+        assert len(leases) == 0 and not a.host._pinned and leases.completed == 2
+    finally:
+        await a.stop()
+        await b.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dynamo_bus.bus.messages import SamplingOptions  # noqa: E402
+from dynamo_bus.bus.messages import KVDescriptor, SamplingOptions, pack_hashes  # noqa: E402
 from dynamo_bus.engines.base import EngineOutput, EngineRequest  # noqa: E402
 from dynamo_bus.engines.reference.engine import ReferenceEngine  # noqa: E402
 from dynamo_bus.hashing import sequence_hashes  # noqa: E402
@@ -273,6 +274,44 @@ async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
             assert cold == expected[4]
     finally:
         await eng.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_a_prefix_pulled_from_another_engine_gives_the_cold_output(
+        dtype: str, fp32_dir: Path, model_dir: ModelDir, tokenizer: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine B reads the KV engine A computed for a prompt out of A's host tier over
+    NIXL (UCX, loopback shared memory), by a descriptor, and answers the prompt from
+    it: token for token what A computed cold."""
+    pytest.importorskip("nixl_cu12")
+    monkeypatch.setenv("UCX_TLS", "self,sm")
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+    model = dataclasses.replace(model_dir, path=fp32_dir if dtype == "float32" else model_dir.path)
+    a, b = (ReferenceEngine(model, dtype=dtype, device="cpu", threads=2, num_blocks=32,
+                            max_num_batched_tokens=BUDGET, host_gib=0.1, kv_offload=offload)
+            for offload in ("write-through", "evict"))
+    await a.start()
+    await b.start()
+    try:
+        ids = tokenizer(PROMPTS[4] + " " + PROMPTS[2]).input_ids
+        cold = tokens(await run(a, req("cold", ids)))
+        hashes = sequence_hashes(ids, 16)[:(len(ids) - 1) // 16]
+        await a.open_transfers("engine-a")
+        await b.open_transfers("engine-b")
+        held, addrs = a.lend_host_blocks(hashes)
+        assert held == hashes and len(held) >= 3
+        descriptor = KVDescriptor(
+            request_id="cold", agent="engine-a", hashes=pack_hashes(held), addrs=addrs,
+            block_bytes=a.host.block_bytes, kv=a.kv_digest, lease="cold.1",
+            lease_expires=time.time() + 30)
+        assert await b.pull_host_blocks(descriptor, a.transfer_metadata()) == len(held)
+        a.return_host_blocks(held)
+        warm = await run(b, req("warm", ids))
+        assert warm[0].cached_tokens == len(held) * 16
+        assert tokens(warm) == cold
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

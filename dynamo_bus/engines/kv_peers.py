@@ -1,0 +1,145 @@
+"""KV blocks between workers over NIXL (UCX): the host tier registered with an agent,
+blocks lent out of it under pins for another worker's READ, and blocks read in from a
+lender into this engine's own host tier, from which a request's prefix is onboarded as
+any other. The mixin half of :class:`~dynamo_bus.engines.paged_kv.PagedKVEngine`;
+leases over the pins live in :mod:`dynamo_bus.transfer`.
+
+An agent's metadata (``get_agent_metadata()``) grants access to the memory registered
+with it: it is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from dynamo_bus.bus.messages import KV_READ_DONE, KVDescriptor, KVReadDone, unpack_hashes
+from dynamo_bus.kvbm.nixl import run_transfer, ucx_agent
+
+if TYPE_CHECKING:
+    from dynamo_bus.engines.block_pool import BlockPool
+    from dynamo_bus.kvbm.disk import DiskTier
+    from dynamo_bus.kvbm.host import HostTier
+
+
+class KVPeers:
+    """See the module docstring."""
+
+    name: str
+    host: HostTier | None
+    disk: DiskTier | None
+    _transfers: Any
+    _peers: set[str]
+    _kv_digest: bytes
+
+    if TYPE_CHECKING:
+        @property
+        def pool(self) -> BlockPool: ...
+
+    @property
+    def kv_digest(self) -> str:
+        """What a block's bytes mean (model, block shape, dtype), in hex: blocks from an
+        engine whose digest differs are not read ("" with no host tier)."""
+        return self._kv_digest.hex()
+
+    async def open_transfers(self, name: str) -> Any:
+        """The NIXL agent (UCX) through which other workers read this engine's host
+        tier; made, and the tier registered with it, on the first call. Its metadata
+        (``get_agent_metadata()``) grants access to that memory: never log it."""
+        if self._transfers is None:
+            host = self.host
+            if host is None or host.data is None:
+                raise RuntimeError(f"the {self.name} engine has no host tier to read from")
+            agent = await asyncio.to_thread(ucx_agent, name)
+            host.register(agent)
+            self._transfers = agent
+        return self._transfers
+
+    def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], list[int]]:
+        """Pin the leading ``hashes`` the host tier holds and give each one's address in
+        the registered buffer (``host.block_bytes`` long), for another worker's NIXL
+        READ; ``return_host_blocks`` unpins them once read. Needs ``open_transfers``."""
+        host = self.host
+        if host is None or self._transfers is None:
+            raise RuntimeError("open_transfers first")
+        held = list(hashes[:host.prefix(hashes)])
+        return held, [addr for addr, _, _ in host.descriptors(host.pin(held))]
+
+    def return_host_blocks(self, hashes: list[int]) -> None:
+        if self.host is not None:
+            self.host.unpin(hashes)
+
+    def transfer_metadata(self) -> bytes:
+        """This engine's agent metadata, for a reader's ``pull_host_blocks``: it grants
+        access to the host tier, so it goes to a bucket, never to a log."""
+        if self._transfers is None:
+            raise RuntimeError("open_transfers first")
+        return bytes(self._transfers.get_agent_metadata())
+
+    def transfer_notices(self) -> list[bytes]:
+        """The notifications other workers' reads sent on completion since the last
+        call (a lease's "read done")."""
+        if self._transfers is None:
+            return []
+        return [m for msgs in self._transfers.get_new_notifs().values() for m in msgs]
+
+    async def pull_host_blocks(self, descriptor: KVDescriptor, metadata: bytes) -> int:
+        """Read the blocks a peer lent (``descriptor``; ``metadata``: its agent's) that
+        this engine holds in none of its tiers into its own host tier, in one NIXL READ
+        that notifies the peer (:class:`KVReadDone`, ending its lease); a request whose
+        prefix they are is then onboarded from there as any other. Returns how many of
+        the leading blocks this engine now holds. Raises ``ValueError`` for a
+        descriptor it must not read (another model or layout, a lapsed lease, a block
+        list that does not add up) and :class:`NixlError` when the READ fails."""
+        host, disk, agent = self.host, self.disk, self._transfers
+        if host is None or host.data is None or agent is None:
+            raise RuntimeError("open_transfers first")
+        hashes, addrs, peer = unpack_hashes(descriptor.hashes), descriptor.addrs, descriptor.agent
+        if descriptor.kv != self.kv_digest or descriptor.block_bytes != host.block_bytes:
+            raise ValueError(f"KV from {peer} is of another model or layout than this "
+                             "engine's")
+        if len(addrs) != len(hashes):
+            raise ValueError(f"KV descriptor from {peer} names {len(hashes)} blocks and "
+                             f"{len(addrs)} addresses")
+        if descriptor.lease_expires <= time.time():
+            raise ValueError(f"the lease on KV from {peer} ran out")
+        notify = KV_READ_DONE.encode(KVReadDone(lease=descriptor.lease))
+        missing = [i for i, h in enumerate(hashes) if not self.holds(h)]
+        src, slots, evicted = host.reserve([hashes[i] for i in missing])
+        new = [hashes[missing[i]] for i in src]
+        plan = disk.demote(evicted) if disk is not None else []
+        size = host.block_bytes
+
+        def read() -> None:
+            if disk is not None and plan:
+                disk.stage(plan, host.data)  # before the READ overwrites their slots
+            if peer not in self._peers:
+                agent.add_remote_agent(metadata)
+                self._peers.add(peer)
+            if not new:  # all held here already: only the lease to end
+                agent.send_notif(peer, notify)
+                return
+            local = agent.get_xfer_descs(host.descriptors(slots), "DRAM")
+            remote = agent.get_xfer_descs(
+                [(addrs[missing[i]], size, 0) for i in src], "DRAM")
+            run_transfer(agent, "READ", local, remote, peer, notify)
+
+        ok = False
+        try:
+            await asyncio.to_thread(read)
+            ok = True
+        finally:
+            host.written(new, ok=ok)
+            if disk is not None:
+                disk.write_later(plan, staged=ok)
+        n = 0
+        while n < len(hashes) and self.holds(hashes[n]):
+            n += 1
+        return n
+
+    def holds(self, block_hash: int) -> bool:
+        """Whether any tier of this engine holds the block."""
+        host, disk = self.host, self.disk
+        return (self.pool.holds(block_hash) or (host is not None and block_hash in host)
+                or (disk is not None and block_hash in disk))
