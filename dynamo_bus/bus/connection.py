@@ -120,6 +120,16 @@ async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyVa
     return kv
 
 
+async def ensure_agents_bucket(js: JetStreamContext, names: Names) -> KeyValue:
+    """The NIXL agents' bucket (file storage, no TTL: a worker's entry lives as long
+    as its agent, and goes when it stops)."""
+    try:
+        return await js.key_value(names.agents_bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=names.agents_bucket, history=1,
+                                         storage=js_api.StorageType.FILE)
+
+
 # Residency batches are kept until a newer snapshot of their worker covers them (the
 # worker then purges them) and at most this long, or this much in all.
 RESIDENCY_MAX_AGE = 15 * 60.0

@@ -120,6 +120,12 @@ class Names:
     def load_bucket(self) -> str:
         return f"dyn_{self._ns}_load"
 
+    @property
+    def agents_bucket(self) -> str:
+        """Each worker's NIXL agent metadata (key: the agent's name), for the workers
+        that READ KV out of its memory."""
+        return f"dyn_{self._ns}_nixl_agents"
+
     # -- residency: event batches plus snapshots ----------------------------------
     @property
     def residency_stream(self) -> str:
@@ -158,6 +164,7 @@ class Names:
             "resend_subject": self.resend_subject,
             "workers_bucket": self.workers_bucket,
             "load_bucket": self.load_bucket,
+            "agents_bucket": self.agents_bucket,
             "residency_stream": self.residency_stream,
             "residency_subject": self.residency_subject("W").replace(".W", ".<worker_id>"),
             "residency_snapshots": self.residency_snapshots,
