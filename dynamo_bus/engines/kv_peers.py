@@ -32,10 +32,13 @@ class KVPeers:
     _transfers: Any
     _peers: set[str]
     _kv_digest: bytes
+    _step_lock: asyncio.Lock
 
-    if TYPE_CHECKING:
+    if TYPE_CHECKING:  # PagedKVEngine's
         @property
         def pool(self) -> BlockPool: ...
+
+        async def _copy_out(self, blocks: list[tuple[int, int]]) -> None: ...
 
     @property
     def kv_digest(self) -> str:
@@ -55,6 +58,20 @@ class KVPeers:
             host.register(agent)
             self._transfers = agent
         return self._transfers
+
+    async def park_host_blocks(self, hashes: list[int]) -> int:
+        """Put the leading ``hashes`` this engine holds into its host tier, copying the
+        ones only its pool holds (what a prefill hands on), once the step under way and
+        its copies are done. Returns how many leading ``hashes`` the host tier holds."""
+        host = self.host
+        if host is None or host.data is None:
+            return 0
+        async with self._step_lock:
+            ids = self.pool.lookup(hashes)
+            only_pool = [(h, b) for h, b in zip(hashes, ids, strict=False) if h not in host]
+            if only_pool:
+                await self._copy_out(only_pool)
+        return host.prefix(hashes)
 
     def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], list[int]]:
         """Pin the leading ``hashes`` the host tier holds and give each one's address in
