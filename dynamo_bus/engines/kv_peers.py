@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dynamo_bus.bus.messages import KV_READ_DONE, KVDescriptor, KVReadDone, unpack_hashes
 from dynamo_bus.kvbm.nixl import run_transfer, ucx_agent
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from dynamo_bus.engines.block_pool import BlockPool
@@ -30,6 +34,7 @@ class KVPeers:
     host: HostTier | None
     disk: DiskTier | None
     _transfers: Any
+    _nixl_thread: ThreadPoolExecutor | None = None
     _peers: set[str]
     _kv_digest: bytes
     _step_lock: asyncio.Lock
@@ -49,15 +54,34 @@ class KVPeers:
     async def open_transfers(self, name: str) -> Any:
         """The NIXL agent (UCX) through which other workers read this engine's host
         tier; made, and the tier registered with it, on the first call. Its metadata
-        (``get_agent_metadata()``) grants access to that memory: never log it."""
+        (``get_agent_metadata()``) grants access to that memory: never log it. Every
+        call on the agent runs in one thread of its own, one at a time (lending and
+        reading at once would otherwise use it from two threads)."""
         if self._transfers is None:
             host = self.host
             if host is None or host.data is None:
                 raise RuntimeError(f"the {self.name} engine has no host tier to read from")
-            agent = await asyncio.to_thread(ucx_agent, name)
-            host.register(agent)
-            self._transfers = agent
+            self._nixl_thread = ThreadPoolExecutor(1, thread_name_prefix="kv-nixl")
+
+            def make() -> Any:
+                agent = ucx_agent(name)
+                assert host is not None
+                host.register(agent)
+                return agent
+
+            self._transfers = await self._on_agent(make)
         return self._transfers
+
+    async def _on_agent(self, call: Callable[[], T]) -> T:
+        """Run ``call`` in the agent's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._nixl_thread, call)
+
+    def _close_transfers(self) -> None:
+        """Let go of the agent's thread (the engine is stopping; the host tier
+        deregisters itself)."""
+        if self._nixl_thread is not None:
+            self._nixl_thread.shutdown(wait=True)
+            self._nixl_thread = None
 
     async def park_host_blocks(self, hashes: list[int]) -> int:
         """Put the leading ``hashes`` this engine holds into its host tier, copying the
@@ -94,12 +118,14 @@ class KVPeers:
             raise RuntimeError("open_transfers first")
         return bytes(self._transfers.get_agent_metadata())
 
-    def transfer_notices(self) -> list[bytes]:
+    async def transfer_notices(self) -> list[bytes]:
         """The notifications other workers' reads sent on completion since the last
         call (a lease's "read done")."""
-        if self._transfers is None:
+        agent = self._transfers
+        if agent is None:
             return []
-        return [m for msgs in self._transfers.get_new_notifs().values() for m in msgs]
+        notifs = await self._on_agent(agent.get_new_notifs)
+        return [m for msgs in notifs.values() for m in msgs]
 
     async def pull_host_blocks(self, descriptor: KVDescriptor, metadata: bytes) -> int:
         """Read the blocks a peer lent (``descriptor``; ``metadata``: its agent's) that
@@ -144,7 +170,7 @@ class KVPeers:
 
         ok = False
         try:
-            await asyncio.to_thread(read)
+            await self._on_agent(read)
             ok = True
         finally:
             host.written(new, ok=ok)

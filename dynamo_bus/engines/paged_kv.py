@@ -126,6 +126,7 @@ class PagedKVEngine(KVPeers, Engine):
             await self.disk.close()
         if self.host is not None:
             self.host.deregister()
+        self._close_transfers()
 
     def _pin_host(self) -> bool:
         return False

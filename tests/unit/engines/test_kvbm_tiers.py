@@ -336,7 +336,7 @@ async def test_a_worker_pulls_only_the_lent_blocks_it_lacks_and_the_lease_ends(
         for h in hashes[2:]:
             assert float(b.host.data[b.host.slot(h), 0]) == float(h % (1 << 40))
         for _ in range(100):  # the notification arrives with the transfer's completion
-            if leases.on_notices(a.transfer_notices()):
+            if leases.on_notices(await a.transfer_notices()):
                 break
             await asyncio.sleep(0.01)
         assert "a.1" not in leases and not a.host._pinned
@@ -349,7 +349,7 @@ async def test_a_worker_pulls_only_the_lent_blocks_it_lacks_and_the_lease_ends(
         assert await b.pull_host_blocks(msgspec.structs.replace(d, lease="a.2"), metadata) == 6
         assert b.host.stored == stored
         for _ in range(100):
-            if leases.on_notices(a.transfer_notices()):
+            if leases.on_notices(await a.transfer_notices()):
                 break
             await asyncio.sleep(0.01)
         assert len(leases) == 0 and not a.host._pinned and leases.completed == 2
