@@ -356,3 +356,78 @@ async def test_a_worker_pulls_only_the_lent_blocks_it_lacks_and_the_lease_ends(
     finally:
         await a.stop()
         await b.stop()
+
+
+
+LENDER = """
+import json, sys, torch
+from dynamo_bus.kvbm.nixl import ucx_agent
+data = torch.arange(8, dtype=torch.float64)
+agent = ucx_agent("lender")
+agent.register_memory([(data.data_ptr(), 64, 0, "")], "DRAM")
+print(json.dumps({"metadata": bytes(agent.get_agent_metadata()).hex(),
+                  "base": data.data_ptr()}), flush=True)
+sys.stdin.read()
+"""
+
+
+class Lender:
+    """Another process whose NIXL agent lends 8 float64 blocks (block i holds i)."""
+
+    def __init__(self) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", LENDER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        peer = json.loads(self.proc.stdout.readline())
+        self.metadata, self.base = bytes.fromhex(peer["metadata"]), peer["base"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def lender(monkeypatch: Any) -> Any:
+    pytest.importorskip("nixl_cu12")
+    monkeypatch.setenv("UCX_TLS", "self,sm")  # the lender inherits them
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+    it = Lender()
+    yield it
+    it.kill()
+
+
+async def test_a_read_from_a_lender_that_died_fails_fast_and_keeps_nothing(
+        lender: Lender) -> None:
+    """The lender's process is gone between its descriptor and the READ: the pull
+    raises NixlError at once (no hang), and the reader's host tier keeps none of the
+    blocks it had set aside for them."""
+    import time
+
+    from dynamo_bus.bus.messages import KVDescriptor, pack_hashes
+    from dynamo_bus.kvbm.nixl import NixlError
+
+    b = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32)
+    await b.start()
+    try:
+        await b.open_transfers("reader")
+        hashes = sequence_hashes(prompt(9, 97), BS)[:4]
+        d = KVDescriptor(request_id="r", agent="lender", hashes=pack_hashes(hashes),
+                         addrs=[lender.base + 8 * i for i in range(4)], block_bytes=8,
+                         kv=b.kv_digest, lease="r.1", lease_expires=time.time() + 30)
+        assert await b.pull_host_blocks(d, lender.metadata) == 4  # alive: block i is i
+        assert [float(b.host.data[b.host.slot(h), 0]) for h in hashes] == [0, 1, 2, 3]
+        b.host.discard(hashes)
+        lender.kill()
+        with pytest.raises(NixlError):
+            await asyncio.wait_for(b.pull_host_blocks(d, lender.metadata), 10)
+        assert not any(h in b.host for h in hashes) and not b.host._writing
+    finally:
+        await b.stop()
