@@ -76,6 +76,16 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.stop()
 
 
+
+@pytest.fixture
+def ucx_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NIXL installed, and UCX kept to loopback shared memory (its default listens on
+    other interfaces): for tests whose agents talk to each other, and the processes
+    they start."""
+    pytest.importorskip("nixl_cu12")
+    monkeypatch.setenv("UCX_TLS", "self,sm")
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+
 def make_config(nats_url: str, model_dir: ModelDir, **overrides: Any) -> Config:
     settings: dict[str, Any] = dict(nats_url=nats_url, model=str(model_dir.path),
                                     engine="mock", mock_speedup=1000.0, http_port=0, **FAST)

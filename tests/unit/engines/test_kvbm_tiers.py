@@ -256,14 +256,11 @@ async def test_evicted_blocks_reach_the_host_tier_before_onboarding_reuses_them(
         await eng.stop()
 
 
-async def test_another_agent_reads_host_tier_blocks_over_nixl(monkeypatch: Any) -> None:
+async def test_another_agent_reads_host_tier_blocks_over_nixl(ucx_loopback: None) -> None:
     """The host tier registered with NIXL (UCX): a second agent, given the engine's
     agent metadata and the blocks' descriptors, reads each block's own KV."""
-    pytest.importorskip("nixl_cu12")
     from dynamo_bus.kvbm.nixl import run_transfer, ucx_agent
 
-    monkeypatch.setenv("UCX_TLS", "self,sm")  # loopback shared memory only
-    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
     eng = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32)
     await eng.start()
     try:
@@ -292,16 +289,13 @@ async def test_another_agent_reads_host_tier_blocks_over_nixl(monkeypatch: Any) 
 
 
 async def test_a_worker_pulls_only_the_lent_blocks_it_lacks_and_the_lease_ends(
-        monkeypatch: Any) -> None:
+        ucx_loopback: None) -> None:
     """Worker B reads worker A's lent blocks over NIXL into its own host tier, by a
     descriptor that crossed the wire, skipping the ones it holds; the READ's
     notification ends A's lease; B then answers the prompt from those blocks."""
-    pytest.importorskip("nixl_cu12")
     from dynamo_bus.bus.messages import KV_DESCRIPTOR, KVDescriptor, pack_hashes
     from dynamo_bus.transfer import LeaseBook
 
-    monkeypatch.setenv("UCX_TLS", "self,sm")
-    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
     a = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32,
                      kv_offload="write-through")
     b = FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8, host_blocks=32)
@@ -395,11 +389,8 @@ class Lender:
 
 
 @pytest.fixture
-def lender(monkeypatch: Any) -> Any:
-    pytest.importorskip("nixl_cu12")
-    monkeypatch.setenv("UCX_TLS", "self,sm")  # the lender inherits them
-    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
-    it = Lender()
+def lender(ucx_loopback: None) -> Any:
+    it = Lender()  # it inherits the loopback-only UCX settings
     yield it
     it.kill()
 

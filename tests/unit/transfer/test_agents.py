@@ -13,12 +13,9 @@ from dynamo_bus.transfer import AgentDirectory, agent_name
 
 
 async def test_a_published_agent_is_found_and_a_withdrawn_one_is_not(
-        nats_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("nixl_cu12")
+        nats_server: Any, ucx_loopback: None) -> None:
     from dynamo_bus.kvbm.nixl import ucx_agent
 
-    monkeypatch.setenv("UCX_TLS", "self,sm")
-    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
     nc = await connect(nats_server.url, name="agents-test")
     try:
         js = nc.jetstream()

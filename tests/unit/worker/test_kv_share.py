@@ -26,10 +26,7 @@ async def until(check: Any, timeout: float = 5.0) -> None:
 
 
 async def test_lent_blocks_are_pulled_and_their_leases_end(
-        nats_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("nixl_cu12")
-    monkeypatch.setenv("UCX_TLS", "self,sm")
-    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+        nats_server: Any, ucx_loopback: None) -> None:
     nc = await connect(nats_server.url, name="kv-share-test")
     engines = [FakeKVEngine("m", vocab_size=32_000, block_size=BS, num_blocks=8,
                             host_blocks=32) for _ in range(2)]

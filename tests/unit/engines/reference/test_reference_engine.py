@@ -279,13 +279,10 @@ async def test_a_prefix_from_the_host_tier_gives_the_cold_output(
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 async def test_a_prefix_pulled_from_another_engine_gives_the_cold_output(
         dtype: str, fp32_dir: Path, model_dir: ModelDir, tokenizer: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        ucx_loopback: None) -> None:
     """Engine B reads the KV engine A computed for a prompt out of A's host tier over
     NIXL (UCX, loopback shared memory), by a descriptor, and answers the prompt from
     it: token for token what A computed cold."""
-    pytest.importorskip("nixl_cu12")
-    monkeypatch.setenv("UCX_TLS", "self,sm")
-    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
     model = dataclasses.replace(model_dir, path=fp32_dir if dtype == "float32" else model_dir.path)
     a, b = (ReferenceEngine(model, dtype=dtype, device="cpu", threads=2, num_blocks=32,
                             max_num_batched_tokens=BUDGET, host_gib=0.1, kv_offload=offload)
