@@ -268,8 +268,8 @@ class ReferenceEngine(BatchingEngine):
         """Copy blocks ``src[rows[j]]`` (export layout, any device) into the pool's
         ``block_ids[j]``: the pool holds blocks in the same layout, so each run of block
         ids and rows that both go on is one contiguous copy. On CPU, many runs are shared
-        out to one thread per core: copies issued one after another reach about 70 % of
-        a plain copy's bandwidth, side by side nearly all of it (bench/kvbm_tiers.py)."""
+        out to one thread per core: copies issued one after another reached about 70 % of
+        a plain copy's bandwidth here, side by side about 90 % (bench/kvbm_tiers.py)."""
         pool = self._cache().blocks
         runs: list[tuple[int, int, int]] = []  # (first block id, first row, length)
         for b, r in zip(block_ids, rows, strict=True):
