@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dynamo_bus.bus.messages import KV_READ_DONE, KVDescriptor, KVReadDone, unpack_hashes
-from dynamo_bus.kvbm.nixl import run_transfer, ucx_agent
+from dynamo_bus.kvbm.nixl import NixlError, run_transfer, ucx_agent
 
 T = TypeVar("T")
 
@@ -157,15 +157,18 @@ class KVPeers:
         def read() -> None:
             if disk is not None and plan:
                 disk.stage(plan, host.data)  # before the READ overwrites their slots
-            if peer not in self._peers:
-                agent.add_remote_agent(metadata)
-                self._peers.add(peer)
-            if not new:  # all held here already: only the lease to end
-                agent.send_notif(peer, notify)
-                return
-            local = agent.get_xfer_descs(host.descriptors(slots), "DRAM")
-            remote = agent.get_xfer_descs(
-                [(addrs[missing[i]], size, 0) for i in src], "DRAM")
+            try:  # the bindings raise their own types: callers get NixlError
+                if peer not in self._peers:
+                    agent.add_remote_agent(metadata)
+                    self._peers.add(peer)
+                if not new:  # all held here already: only the lease to end
+                    agent.send_notif(peer, notify)
+                    return
+                local = agent.get_xfer_descs(host.descriptors(slots), "DRAM")
+                remote = agent.get_xfer_descs(
+                    [(addrs[missing[i]], size, 0) for i in src], "DRAM")
+            except Exception as exc:
+                raise NixlError(f"NIXL cannot reach {peer}: {exc!r}") from exc
             run_transfer(agent, "READ", local, remote, peer, notify)
 
         ok = False

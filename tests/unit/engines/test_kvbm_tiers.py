@@ -416,6 +416,9 @@ async def test_a_read_from_a_lender_that_died_fails_fast_and_keeps_nothing(
         assert await b.pull_host_blocks(d, lender.metadata) == 4  # alive: block i is i
         assert [float(b.host.data[b.host.slot(h), 0]) for h in hashes] == [0, 1, 2, 3]
         b.host.discard(hashes)
+        with pytest.raises(NixlError, match="cannot reach nobody"):  # metadata unusable
+            await b.pull_host_blocks(msgspec.structs.replace(d, agent="nobody"), b"junk")
+        assert not any(h in b.host for h in hashes) and not b.host._writing
         lender.kill()
         with pytest.raises(NixlError):
             await asyncio.wait_for(b.pull_host_blocks(d, lender.metadata), 10)
