@@ -69,6 +69,19 @@ _HELP = {
     "heartbeat_interval": "seconds between worker heartbeats",
     "worker_ttl": "seconds after the last heartbeat a worker counts as gone",
     "drain_timeout": "seconds a stopping worker waits for in-flight requests",
+    "role": "worker: aggregated (prefill and decode), prefill (parks the prompt's KV and "
+            "hands it to a decode worker) or decode (claims prefilled KV, decodes; "
+            "prefills short prompts itself)",
+    "disagg": "serve: one prefill and one decode worker instead of --workers aggregated ones",
+    "disagg_min_prefill_tokens": "router: a prompt whose uncached part on the chosen decode "
+                                 "worker has at least this many tokens goes to a prefill "
+                                 "worker; shorter ones the decode worker prefills itself",
+    "disagg_affinity": "router: name the decode worker (cached prefix + load) that claims a "
+                       "prefilled request (true), or let any decode worker claim it (false)",
+    "kv_lease_s": "seconds a prefill worker keeps lent KV blocks pinned for a decode "
+                  "worker that has not read them",
+    "kv_transfer_timeout": "seconds a decode worker waits for one request's KV READ before "
+                           "it prefills the prompt itself",
     "mock_speedup": "mock engine: divide simulated time by this",
     "block_size": "tokens per KV block",
     "num_blocks": "KV blocks per worker; 0: mock 16384, reference sized by --kv-cache-gib",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -51,6 +51,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval: float = 1.0
     worker_ttl: float = 5.0              # registration expires this long after a heartbeat
     drain_timeout: float = 30.0
+    # disaggregated prefill/decode
+    role: Literal["aggregated", "prefill", "decode"] = "aggregated"  # worker
+    disagg: bool = False                 # serve: one prefill + one decode worker
+    disagg_min_prefill_tokens: int = 1000  # uncached prompt tokens worth a prefill worker
+    disagg_affinity: bool = True         # steer descriptors to the router's decode choice
+    kv_lease_s: float = 30.0             # lent blocks stay pinned at most this long
+    kv_transfer_timeout: float = 10.0    # a decode worker's READ of one request's blocks
     # engines
     block_size: int = 16
     num_blocks: int = 0                  # 0: mock 16384; reference sized by kv_cache_gib

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
+
 from dynamo_bus.bus.connection import Bus, open_bus
 from dynamo_bus.bus.natsserver import EmbeddedNats, die_with_parent
 from dynamo_bus.bus.registry import Registry
@@ -83,7 +85,12 @@ class Roles:
         self._buses.append(bus)
         return bus
 
-    async def add_workers(self, count: int) -> list[Worker]:
+    async def add_workers(self, count: int, role: str | None = None) -> list[Worker]:
+        """Start ``count`` workers of ``role`` (default ``--role``)."""
+        cfg = self.cfg
+        if role is not None:  # serve --disagg: one process, a worker of each role
+            wid = f"{cfg.worker_id}-{role}" if cfg.worker_id else None
+            cfg = msgspec.structs.replace(cfg, role=role, worker_id=wid)
         model = self.model()
         new = []
         # The workers of one process share a connection: publishes from all of them go
@@ -92,12 +99,13 @@ class Roles:
         outbox = Outbox(bus.nc) if bus is not None else None
         tokenizer = tokenizer_digest(model)
         for i in range(count):
-            base = self.cfg.worker_id or f"{self.cfg.engine}-{uuid.uuid4().hex[:8]}"
+            kind = cfg.engine if cfg.role == "aggregated" else f"{cfg.engine}-{cfg.role}"
+            base = cfg.worker_id or f"{kind}-{uuid.uuid4().hex[:8]}"
             wid = validate_worker_id(base if count == 1 else f"{base}-{i}")
-            engine = make_engine(self.cfg, model, self.model_name)
+            engine = make_engine(cfg, model, self.model_name)
             await engine.start()
             assert bus is not None
-            worker = Worker(bus, engine, self.cfg, worker_id=wid, model=self.model_name,
+            worker = Worker(bus, engine, cfg, worker_id=wid, model=self.model_name,
                             tokenizer=tokenizer, outbox=outbox)
             await worker.start()
 
@@ -256,7 +264,10 @@ async def run(cfg: Config, role: str) -> None:
             log.info("embedded nats-server at %s", roles.url)
         if role in ("serve", "frontend", "worker"):
             await asyncio.to_thread(roles.model)
-        if role in ("serve", "worker"):
+        if role == "serve" and cfg.disagg:
+            await roles.add_workers(1, "prefill")
+            await roles.add_workers(1, "decode")
+        elif role in ("serve", "worker"):
             await roles.add_workers(cfg.workers)
         if role in ("serve", "router"):
             await roles.add_router()

@@ -166,8 +166,8 @@ async def find_buckets(js: JetStreamContext, names: Names) -> tuple[KeyValue, Ke
 
 async def ensure_topology(js: JetStreamContext, names: Names,
                           cfg: Config) -> tuple[KeyValue, KeyValue]:
-    """Create (or find) the request log, the work queues, the router consumer and the
-    registry buckets. Returns the workers and load buckets."""
+    """Create (or find) the request log, the work queues, the KV descriptors' stream,
+    the router consumer and the registry buckets. Returns the workers and load buckets."""
     await _ensure_stream(js, js_api.StreamConfig(
         name=names.request_stream, subjects=[names.request_subjects],
         retention=js_api.RetentionPolicy.LIMITS, storage=js_api.StorageType.FILE,
@@ -179,6 +179,12 @@ async def ensure_topology(js: JetStreamContext, names: Names,
         retention=js_api.RetentionPolicy.WORK_QUEUE, storage=js_api.StorageType.FILE,
         max_age=cfg.request_timeout,
         duplicate_window=min(DEDUPE_WINDOW, cfg.request_timeout),  # may not exceed max age
+    ))
+    await _ensure_stream(js, js_api.StreamConfig(
+        name=names.kv_stream, subjects=[names.kv_subjects],
+        retention=js_api.RetentionPolicy.WORK_QUEUE, storage=js_api.StorageType.FILE,
+        max_age=cfg.request_timeout,
+        duplicate_window=min(DEDUPE_WINDOW, cfg.request_timeout),
     ))
     await ensure_consumer(js, names.request_stream, router_consumer_config(names, cfg))
     workers_kv = await _ensure_bucket(js, names.workers_bucket, cfg.worker_ttl)

@@ -97,6 +97,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     # when it starts (naming itself) and one when it finishes, not one per step.
     stream: bool = True
     batch_to: str = ""
+    # Set by a router that sends the request to a prefill worker: the decode worker
+    # whose shard gets the descriptor ("": any decode worker of the model).
+    decode_to: str = ""
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -252,6 +255,10 @@ class Load(msgspec.Struct, omit_defaults=True):
     # evicted and onboarded, bytes onboarded, seconds spent onboarding (disk: blocks
     # skipped and found corrupt too).
     tier_moves: dict[str, dict[str, float]] = {}
+    # Disaggregated roles, counters since the worker started: a prefill worker's
+    # descriptors published; a decode worker's claims, blocks and bytes READ, and
+    # claims it prefilled itself, by cause (``fault.<cause>``).
+    disagg: dict[str, int] = {}
 
 
 Tier = Literal["device", "host", "disk"]
@@ -329,6 +336,11 @@ class KVDescriptor(msgspec.Struct, omit_defaults=True):
     lease_expires: float  # unix time
     first_token: int = -1  # the prefill's sampled token, when a prefill lent the blocks
     v: int = 1
+    # What a prefill worker hands a decode worker: the request itself, each block's
+    # tier at the lender (an index in TIERS, one byte per block), who prefilled it.
+    request: Request | None = None
+    tiers: bytes = b""
+    prefill_worker: str = ""
 
 
 class KVReadDone(msgspec.Struct, omit_defaults=True):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import xxhash
+
 from dynamo_bus.errors import ConfigError
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -91,6 +93,44 @@ class Names:
     def worker_consumer(self, worker_id: str) -> str:
         return f"worker-{validate_worker_id(worker_id)}"
 
+    # -- KV descriptors: prefill -> decode ---------------------------------------
+    @property
+    def kv_stream(self) -> str:
+        return f"DYN_{self._NS}_KV"
+
+    @property
+    def kv_subjects(self) -> str:
+        return f"dyn.{self._ns}.kv.>"
+
+    def kv_subject(self, model: str, prefix: str, decode_worker: str = "") -> str:
+        """Where a prefill worker publishes a request's descriptor: steered to the
+        decode worker the router chose (``to.<worker_id>``), or to every decode worker
+        of the model (``any``). ``prefix``: the prompt's first block hash, in hex."""
+        claim = f"to.{validate_worker_id(decode_worker)}" if decode_worker else "any"
+        return f"dyn.{self._ns}.kv.{model_token(model)}.{claim}.{prefix}"
+
+    def kv_unsteered(self, subject: str) -> str:
+        """The shared subject for a steered descriptor's subject (same model, same
+        prefix)."""
+        parts = subject.split(".")
+        if len(parts) != 7 or parts[4] != "to":
+            raise ValueError(f"{subject!r} is not a steered KV descriptor subject")
+        return ".".join([*parts[:4], "any", parts[6]])
+
+    def kv_claim_filter(self, model: str, worker_id: str) -> str:
+        return f"dyn.{self._ns}.kv.{model_token(model)}.to.{validate_worker_id(worker_id)}.*"
+
+    def kv_shared_filter(self, model: str) -> str:
+        return f"dyn.{self._ns}.kv.{model_token(model)}.any.*"
+
+    def kv_consumer(self, worker_id: str) -> str:
+        return f"kv-{validate_worker_id(worker_id)}"
+
+    def kv_shared_consumer(self, model: str) -> str:
+        """One durable consumer shared by a model's decode workers (a name may not hold
+        every character a model name may: a digest of it)."""
+        return f"kv-any-{xxhash.xxh3_64_hexdigest(model.encode())}"
+
     # -- core NATS ---------------------------------------------------------------
     def response_subject(self, client_id: str, request_id: str) -> str:
         return f"dyn.{self._ns}.resp.{client_id}.{request_id}"
@@ -158,6 +198,11 @@ class Names:
             "work_stream": self.work_stream,
             "work_subject": self.work_subject("W").replace(".W", ".<worker_id>"),
             "worker_consumer": self.worker_consumer("W").replace("-W", "-<worker_id>"),
+            "kv_stream": self.kv_stream,
+            "kv_subject_steered": f"dyn.{self._ns}.kv.<model>.to.<worker_id>.<prefix>",
+            "kv_subject_shared": f"dyn.{self._ns}.kv.<model>.any.<prefix>",
+            "kv_consumer": self.kv_consumer("W").replace("-W", "-<worker_id>"),
+            "kv_shared_consumer": "kv-any-<model digest>",
             "response_subject": self.response_subject("<client_id>", "<request_id>"),
             "response_batch_subject": self.response_batch_subject("<client_id>"),
             "cancel_subject": self.cancel_subject,

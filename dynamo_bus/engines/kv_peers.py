@@ -38,6 +38,7 @@ class KVPeers:
     _peers: set[str]
     _kv_digest: bytes
     _step_lock: asyncio.Lock
+    _nixl_moves: dict[str, float]
 
     if TYPE_CHECKING:  # PagedKVEngine's
         @property
@@ -105,6 +106,7 @@ class KVPeers:
         if host is None or self._transfers is None:
             raise RuntimeError("open_transfers first")
         held = list(hashes[:host.prefix(hashes)])
+        self._nixl_moves["lent_blocks"] += len(held)
         return held, [addr for addr, _, _ in host.descriptors(host.pin(held))]
 
     def return_host_blocks(self, hashes: list[int]) -> None:
@@ -171,10 +173,14 @@ class KVPeers:
                 raise NixlError(f"NIXL cannot reach {peer}: {exc!r}") from exc
             run_transfer(agent, "READ", local, remote, peer, notify)
 
-        ok = False
+        ok, started = False, time.perf_counter()
         try:
             await self._on_agent(read)
             ok = True
+            moves = self._nixl_moves
+            moves["read_blocks"] += len(new)
+            moves["read_bytes"] += len(new) * size
+            moves["read_seconds"] += time.perf_counter() - started
         finally:
             host.written(new, ok=ok)
             if disk is not None:

@@ -56,6 +56,9 @@ class PagedKVEngine(KVPeers, Engine):
         self.disk: DiskTier | None = None
         self._transfers: Any = None  # the NIXL agent other workers read G2 through
         self._peers: set[str] = set()  # agents it has read from (their metadata added)
+        # Blocks lent to and read from other workers over NIXL (the load report's "nixl").
+        self._nixl_moves: dict[str, float] = dict.fromkeys(
+            ("lent_blocks", "read_blocks", "read_bytes", "read_seconds"), 0)
         self._kv_digest = b""  # what a block's bytes mean (see kv_digest)
         if disk_blocks > 0 and host_blocks <= 0:
             raise ValueError("a disk tier needs a host tier above it (--kvbm-host-gib)")
@@ -292,6 +295,8 @@ class PagedKVEngine(KVPeers, Engine):
         if self.disk is not None:
             moves["disk"].update(skipped_blocks=self.disk.skipped,
                                  corrupt_blocks=self.disk.corrupt)
+        if self._transfers is not None:
+            moves["nixl"] = {k: round(v, 6) for k, v in self._nixl_moves.items()}
         return moves
 
     @property

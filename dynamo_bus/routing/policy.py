@@ -30,6 +30,7 @@ every cached prefix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import xxhash
+from msgspec.structs import replace as replace_struct
 
 from dynamo_bus.bus.messages import (
     ROUTING_STRATEGIES,
@@ -94,6 +96,9 @@ class Decision:
     cost: float = 0.0
     overlap_blocks: int = 0          # the chosen worker's cached prefix, in blocks
     costs: dict[str, float] = field(default_factory=dict)
+    # Disaggregated: the prefill worker that computes the prompt for ``worker`` (a
+    # decode worker); None: ``worker`` runs all of it.
+    prefill: Decision | None = None
 
 
 class NoEligibleWorker(LookupError):
@@ -220,6 +225,33 @@ class RoutingPolicy:
         self._rr[req.model] = i + 1
         return Decision(free[i % len(free)])
 
+    def place(self, req: Request, workers: list[Registration],
+              hashes: Sequence[int] | None = None, *,
+              min_prefill_tokens: int = 0) -> Decision:
+        """:meth:`pick` among the workers that decode (aggregated and decode roles).
+        When the chosen one is a decode worker, prefill workers serve the model, and
+        the part of the prompt the decode worker does not hold (in any tier) is at least
+        ``min_prefill_tokens`` long, a prefill worker is picked too, by the same cost
+        over the prefill workers (Dynamo's rule: remote when prompt - prefix hit >
+        max_local_prefill_length). With every prefill worker busy the decode worker
+        prefills it."""
+        serving = [w for w in workers if w.role != "prefill"]
+        prefill = [w for w in workers if w.role == "prefill"]
+        if not serving:
+            raise NoEligibleWorker(f"{len(prefill)} prefill workers serve {req.model} but "
+                                   "no decode or aggregated worker does")
+        decision = self.pick(req, serving, hashes)
+        if decision.worker.role != "decode" or not prefill:
+            return decision
+        if len(req.token_ids) - decision.overlap_blocks * self.block_size < min_prefill_tokens:
+            return decision
+        # The prefill side is chosen by cost whatever the request named for decoding.
+        routing = replace_struct(req.routing, worker_id=None, strategy=None)
+        with contextlib.suppress(AllBusy):
+            decision.prefill = self.pick(replace_struct(req, routing=routing), prefill,
+                                         hashes)
+        return decision
+
     def _active_share(self, w: Registration) -> float:
         load, sent = self._load(w)
         return (load.active_requests + sent.requests) / max(w.capacity, 1)
@@ -255,13 +287,19 @@ class RoutingPolicy:
     def sent(self, req: Request, decision: Decision) -> None:
         """Count a request this router handed to ``decision.worker`` until the worker's
         next load report covers it."""
-        w = decision.worker
-        _, sent = self._load(w)
         bs = self.block_size
+        _, sent = self._load(decision.worker)
         new_tokens = max(len(req.token_ids) - decision.overlap_blocks * bs, 0)
         sent.requests += 1
-        sent.prefill_tokens += new_tokens
-        sent.blocks += -(-new_tokens // bs)
+        sent.blocks += -(-new_tokens // bs)  # computed here, or read from the prefill
+        if decision.prefill is None:
+            sent.prefill_tokens += new_tokens
+            return
+        _, pre = self._load(decision.prefill.worker)
+        new_tokens = max(len(req.token_ids) - decision.prefill.overlap_blocks * bs, 0)
+        pre.requests += 1
+        pre.prefill_tokens += new_tokens
+        pre.blocks += -(-new_tokens // bs)
 
     def forget(self, worker_id: str) -> None:
         """The worker's registration lapsed. Its blocks stay in the index (a worker

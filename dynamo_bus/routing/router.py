@@ -11,6 +11,15 @@ The router holds no state of its own: workers and their load come from the regis
 buckets (see ``registry.py``), which worker holds which KV blocks from the residency
 stream and snapshots (``residency_watch.py``); the choice itself is ``policy.py``.
 
+Disaggregated serving: the request goes to a worker that decodes (aggregated or
+decode role). When that is a decode worker, prefill workers serve the model and the
+prompt's part the decode worker does not hold has at least
+``--disagg-min-prefill-tokens`` tokens, it goes to a prefill worker instead (the cheapest
+by the same cost over the prefill workers), naming the decode worker in
+``Request.decode_to`` (``--disagg-affinity``); the prefill worker hands it on (see
+``worker/disagg.py``). A vanished decode worker's unclaimed descriptors are moved to
+its model's shared subject, where any decode worker claims them.
+
 When every eligible worker is busy (``--router-busy-kv``, ``--router-busy-prefill-tokens``)
 a request waits in this router's queue, highest ``priority`` first and first come first
 served within a priority, up to ``--router-queue-size`` requests; beyond that, or with
@@ -26,8 +35,11 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+import msgspec
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from dynamo_bus.bus.connection import (
     ROUTER_MAX_DELIVER,
@@ -38,8 +50,8 @@ from dynamo_bus.bus.connection import (
     router_consumer_config,
 )
 from dynamo_bus.bus.consumer import PullConsumer
-from dynamo_bus.bus.handback import hand_back
-from dynamo_bus.bus.messages import CANCEL, RESPONSE, Error, Request
+from dynamo_bus.bus.handback import hand_back, unsteer
+from dynamo_bus.bus.messages import CANCEL, REQUEST, RESPONSE, Error, Request
 from dynamo_bus.bus.recent import RecentIds
 from dynamo_bus.bus.registry import Registry
 from dynamo_bus.config import Config
@@ -132,21 +144,36 @@ class Router:
             task.add_done_callback(lambda _: self._sweeps.pop(worker_id, None))
 
     async def _sweep(self, worker_id: str) -> None:
-        """A worker vanished (no heartbeat): send what waits in its queue elsewhere.
+        """A worker vanished (no heartbeat): send what waits in its queues elsewhere,
+        requests to the routers and (a decode worker's) KV descriptors to every decode
+        worker.
 
-        Runs past the work queue's ack wait, so requests the worker took but never
-        finished come back and are swept too; then removes the worker's consumer. A
-        worker that reappears keeps its queue."""
+        Runs past the queues' ack wait, so what the worker took but never finished
+        comes back and is swept too; then removes the worker's consumers. A worker that
+        reappears keeps its queues."""
         names = self.bus.names
+        queues = [(names.work_stream, names.worker_consumer(worker_id), hand_back),
+                  (names.kv_stream, names.kv_consumer(worker_id), unsteer)]
+        await asyncio.gather(*(self._sweep_queue(worker_id, *q) for q in queues))
+        if self.registry.get(worker_id) is None:
+            await self.residency.drop_worker(worker_id)  # the blocks it held went with it
+
+    async def _sweep_queue(self, worker_id: str, stream: str, durable: str,
+                           move: Callable[[Bus, Msg, str], Awaitable[None]]) -> None:
+        try:
+            await self.bus.js.consumer_info(stream, durable)
+        except NotFoundError:
+            return  # never had this queue (a KV queue is a decode worker's)
+        except Exception as exc:
+            log.debug("consumer %s on %s: %r; sweeping anyway", durable, stream, exc)
         gone = asyncio.Event()  # the worker's consumer does not exist: nothing to sweep
 
         async def _gone() -> None:
             gone.set()
 
-        sweeper = PullConsumer(
-            self.bus.nc, names.work_stream, names.worker_consumer(worker_id), capacity=64,
-            handler=lambda msg: hand_back(self.bus, msg, worker_id), on_missing=_gone,
-            expires=1.0)
+        sweeper = PullConsumer(self.bus.nc, stream, durable, capacity=64,
+                               handler=lambda msg: move(self.bus, msg, worker_id),
+                               on_missing=_gone, expires=1.0)
         await sweeper.start()
         back = asyncio.create_task(self.registry.wait_until(
             lambda: self.registry.get(worker_id) is not None, timeout=WORK_ACK_WAIT + 2.0))
@@ -158,11 +185,9 @@ class Router:
             missing.cancel()
             await sweeper.close(timeout=2.0)
         if self.registry.get(worker_id) is None:
-            await self.residency.drop_worker(worker_id)  # the blocks it held went with it
             if not gone.is_set():
                 with contextlib.suppress(Exception):
-                    await self.bus.js.delete_consumer(names.work_stream,
-                                                      names.worker_consumer(worker_id))
+                    await self.bus.js.delete_consumer(stream, durable)
 
     async def _on_cancel(self, msg: Msg) -> None:
         with contextlib.suppress(ProtocolError):
@@ -209,10 +234,19 @@ class Router:
             await self._reject(msg, req, 503, "no_worker",
                                f"no live worker serves model {req.model!r}")
             return
-        worker = decision.worker
+        await self._forward(msg, req, decision)
+
+    async def _forward(self, msg: Msg, req: Request, decision: Decision) -> None:
+        """Store ``req`` in its worker's work queue (a prefill worker's, naming the
+        decode worker, when disaggregated), then ack it off the request log."""
+        worker, data = decision.worker, msg.data
+        if decision.prefill is not None:
+            decode_to = worker.worker_id if self.cfg.disagg_affinity else ""
+            worker = decision.prefill.worker
+            data = REQUEST.encode(msgspec.structs.replace(req, decode_to=decode_to))
         seq = msg.metadata.sequence.stream
         try:
-            await self.bus.js.publish(worker.work_subject, msg.data,
+            await self.bus.js.publish(worker.work_subject, data,
                                       headers={"Nats-Msg-Id": f"{req.request_id}:{seq}"})
         except Exception as exc:
             log.warning("forwarding %s to %s failed: %s", req.request_id, worker.worker_id, exc)
@@ -232,7 +266,8 @@ class Router:
         workers = self.policy.candidates(req)
         if not workers:
             return None
-        decision = self.policy.pick(req, workers, hashes)
+        decision = self.policy.place(req, workers, hashes,
+                                     min_prefill_tokens=self.cfg.disagg_min_prefill_tokens)
         self.policy.sent(req, decision)  # counted before the next request decides
         return decision
 

@@ -145,9 +145,14 @@ async def health(request: web.Request) -> web.Response:
                         # and what moved through the tiers below the pool.
                         "kv_tiers": {t: {"blocks": n, "capacity": load.tier_capacity.get(t),
                                          **load.tier_moves.get(t, {})}
-                                     for t, n in load.tier_blocks.items()} if load else None})
+                                     for t, n in load.tier_blocks.items()} if load else None,
+                        # Disaggregated roles: KV lent and read over NIXL, descriptors
+                        # published and claimed, claims prefilled here and why.
+                        "kv_transfers": {**load.tier_moves.get("nixl", {}), **load.disagg}
+                        if load else None})
     connected = service.requester.bus.nc.is_connected
-    serving = any(w["model"] == service.model and not w["draining"] for w in workers)
+    serving = any(w["model"] == service.model and not w["draining"] and w["role"] != "prefill"
+                  for w in workers)
     status = "healthy" if connected and serving else "unhealthy"
     requester = service.requester
     body = {"status": status, "nats_connected": connected, "model": service.model,

@@ -53,6 +53,7 @@ class KVShare:
         self.leases = LeaseBook(engine.return_host_blocks, ttl=lease_s)
         self._task: asyncio.Task[None] | None = None
         self._serial = 0
+        self._settled = asyncio.Event()  # set by the lease loop when no lease is left
 
     async def start(self) -> None:
         await self.engine.open_transfers(self.agent)
@@ -69,6 +70,16 @@ class KVShare:
                 await self._task
             self._task = None
         self.leases.close()
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until every lease has ended (a stopping
+        worker gives its readers their time); whether they all did."""
+        if self.leases:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._settled.wait()
+        return not self.leases
 
     async def lend(self, request_id: str, hashes: list[int], *,
                    first_token: int = -1) -> KVDescriptor | None:
@@ -99,6 +110,7 @@ class KVShare:
             wait = self.leases.next_expiry()
             await asyncio.sleep(POLL_S if wait is None else min(POLL_S, wait))
             if not self.leases:
+                self._settled.set()
                 continue
             try:
                 self.leases.on_notices(await self.engine.transfer_notices())

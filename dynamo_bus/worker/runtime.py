@@ -16,6 +16,9 @@ stream is kept a while (:class:`~dynamo_bus.worker.sent.SentLog`) and sent again
 requester asks (``Resend``). A worker that finds its registration lapsed (it was frozen,
 or cut off, past its TTL) ends what it was running: the requesters have failed those
 requests already.
+
+A prefill or decode worker (``--role``) runs its requests and claims through
+:mod:`dynamo_bus.worker.disagg`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.msg import Msg
@@ -38,16 +42,12 @@ from dynamo_bus.bus.messages import (
     CANCEL,
     LOAD,
     REGISTRATION,
-    REQUEST,
-    RESEND,
-    RESEND_ACK,
     RESPONSE,
     Chunk,
     Error,
     Load,
     Registration,
     Request,
-    ResendAck,
     Usage,
 )
 from dynamo_bus.bus.recent import RecentIds
@@ -56,6 +56,8 @@ from dynamo_bus.engines.base import Engine, EngineRequest
 from dynamo_bus.errors import DynamoBusError, ProtocolError
 from dynamo_bus.routing.kv_index import residency_instance
 from dynamo_bus.routing.residency import ResidencyPublisher
+from dynamo_bus.worker.disagg import DecodeRole, PrefillRole, open_roles
+from dynamo_bus.worker.kv_share import KVShare
 from dynamo_bus.worker.outbox import Outbox
 from dynamo_bus.worker.sent import SentLog
 
@@ -77,7 +79,10 @@ class Worker:
             capacity=cfg.max_concurrency, handler=self._handle, on_drain=self._hand_back,
             on_missing=self._ensure_consumer,
             expires=1.0)  # short pulls: a draining worker waits at most this for them
-        self._running: dict[str, Msg] = {}
+        self.role = cfg.role
+        # What runs now, with the message to ack when it ends (a work queue's request,
+        # or a decode worker's claimed descriptor).
+        self._running: dict[str, tuple[Msg, Request]] = {}
         self._done = RecentIds()
         self._cancelled = RecentIds()
         self._tasks: list[asyncio.Task[None]] = []
@@ -94,6 +99,9 @@ class Worker:
         self.residency = (ResidencyPublisher(bus, engine, worker_id,
                                              instance=residency_instance(self._started_at))
                           if bus.residency is not None else None)
+        self.share: KVShare | None = None
+        self.prefill: PrefillRole | None = None
+        self.decode: DecodeRole | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     async def _ensure_consumer(self) -> None:
@@ -112,14 +120,18 @@ class Worker:
         self._resend_sub = await self.bus.nc.subscribe(names.resend_subject, cb=self._on_resend)
         if self.residency is not None:
             await self.residency.start()
+        if self.role != "aggregated":
+            self.share, self.prefill, self.decode = await open_roles(self)
         await self._register()
         self.bus.on_reconnect.append(self._consumer.on_reconnect)
         await self._consumer.start()
+        if self.decode is not None:
+            await self.decode.start()
         self._tasks = [asyncio.create_task(self._heartbeat()),
                        asyncio.create_task(self._publish_load()),
                        asyncio.create_task(self._keep_alive())]
-        log.info("worker %s serving %s (%s, capacity %d)", self.worker_id, self.model,
-                 self.engine.name, self.cfg.max_concurrency)
+        log.info("worker %s serving %s (%s, %s, capacity %d)", self.worker_id, self.model,
+                 self.role, self.engine.name, self.cfg.max_concurrency)
 
     def registration(self) -> Registration:
         return Registration(
@@ -127,7 +139,7 @@ class Worker:
             work_subject=self.work_subject, capacity=self.cfg.max_concurrency,
             engine=self.engine.name, pid=os.getpid(), started_at=self._started_at,
             heartbeat_at=time.time(), context_length=self.engine.context_length,
-            draining=self._draining, incarnation=self.incarnation)
+            draining=self._draining, incarnation=self.incarnation, role=self.role)
 
     async def _register(self) -> None:
         await self.bus.workers_kv.put(self.worker_id, REGISTRATION.encode(self.registration()))
@@ -143,13 +155,23 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._register()
         self._consumer.stop_fetching()
-        if not await self._consumer.wait_idle(self.cfg.drain_timeout):
+        if self.decode is not None:
+            self.decode.stop_fetching()
+        idle = await self._consumer.wait_idle(self.cfg.drain_timeout)
+        if self.decode is not None:
+            idle = await self.decode.wait_idle(1.0 if not idle else self.cfg.drain_timeout)
+        if not idle:
             for rid in list(self._running):
                 await self._fail(rid, "worker is shutting down", 503)
         log.debug("drain %s: in-flight done", self.worker_id)
         await self._consumer.drain_remaining()
         log.debug("drain %s: queue handed back", self.worker_id)
         await self._consumer.close(timeout=5.0)
+        if self.decode is not None:
+            await self.decode.close()
+        if self.share is not None:  # readers of what it lent get their time first
+            await self.share.settle(self.cfg.drain_timeout)
+            await self.share.stop()
         await self._outbox.close()
         await self._stop_background()
         if self.residency is not None:
@@ -219,7 +241,8 @@ class Worker:
                         active_prefill_tokens=el.active_prefill_tokens,
                         active_blocks=el.active_blocks, total_blocks=el.total_blocks,
                         at=time.time(), tier_blocks=el.tier_blocks,
-                        tier_capacity=el.tier_capacity, tier_moves=el.tier_moves)
+                        tier_capacity=el.tier_capacity, tier_moves=el.tier_moves,
+                        disagg=self.disagg_counts())
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self.bus.load_kv.put(self.worker_id, LOAD.encode(load))
@@ -229,9 +252,14 @@ class Worker:
         """Tell JetStream long requests are still being worked on."""
         while not self._closed:
             await asyncio.sleep(WORK_ACK_WAIT / 3)
-            for msg in list(self._running.values()):
+            for msg, _ in list(self._running.values()):
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
+
+    def disagg_counts(self) -> dict[str, int]:
+        """The prefill or decode role's counters (empty for an aggregated worker)."""
+        role = self.prefill or self.decode
+        return dict(role.counts) if role is not None else {}
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -244,39 +272,30 @@ class Worker:
             await self.engine.abort(cancel.request_id)
 
     async def _on_resend(self, msg: Msg) -> None:
-        """A requester lost chunks in transit: send them again, then answer. Workers
-        that do not hold the request stay silent."""
-        try:
-            ask = RESEND.decode(msg.data)
-        except ProtocolError:
-            return
-        found = self._sent.since(ask.request_id, ask.from_index)
-        if found is None:
-            return
-        reply_to, chunks, finished = found
-        with contextlib.suppress(Exception):
-            for data in chunks:
-                await self.bus.nc.publish(reply_to, data)
-            await msg.respond(RESEND_ACK.encode(ResendAck(
-                request_id=ask.request_id, worker_id=self.worker_id,
-                incarnation=self.incarnation, chunks=len(chunks), finished=finished)))
+        await self._sent.answer(msg, self.bus.nc, self.worker_id, self.incarnation)
 
     # -- requests ----------------------------------------------------------------
     async def _handle(self, msg: Msg) -> None:
         req = await decode_request(msg)
         if req is None:
             return
+        await self._serve(msg, req, self.prefill.run if self.prefill is not None
+                          else self._generate)
+
+    async def _serve(self, msg: Msg, req: Request,
+                     run: Callable[[Request], Awaitable[None]]) -> None:
+        """Run ``req`` (from ``msg``) once: ack it when done, whatever happened."""
         rid = req.request_id
         if rid in self._running:
             return  # a redelivery of what is running: the first delivery acks it
         if rid in self._done or rid in self._cancelled:
             await msg.ack()
             return
-        self._running[rid] = msg
+        self._running[rid] = (msg, req)
         self._sent.open(rid, req.reply_to)
         self._load_dirty.set()
         try:
-            await self._generate(req)
+            await run(req)
         finally:
             del self._running[rid]
             self._sent.close(rid)
@@ -286,7 +305,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.ack()
 
-    async def _generate(self, req: Request) -> None:
+    async def _generate(self, req: Request, *, named: bool = False) -> None:
+        """Run ``req`` on the engine and stream its tokens (``named``: the first chunk,
+        naming this worker, went out already)."""
         rid, index, cached = req.request_id, 0, 0
         ereq = EngineRequest(request_id=rid, token_ids=req.token_ids, sampling=req.sampling,
                              stream=req.stream)
@@ -295,8 +316,9 @@ class Worker:
         held_lp: list[float] = []  # and their logprobs, when the request asked for them
         held_top: list[list[tuple[int, float]]] = []
         # Tell the requester who runs it (and which run of us), so it notices our death.
-        await self._send(req, Chunk(request_id=rid, index=0, token_ids=[],
-                                    worker_id=self.worker_id, incarnation=self.incarnation))
+        if not named:
+            await self._send(req, Chunk(request_id=rid, index=0, token_ids=[],
+                                        worker_id=self.worker_id, incarnation=self.incarnation))
         try:
             async for out in gen:
                 if index == 0 and not held:
@@ -351,14 +373,13 @@ class Worker:
 
     async def _fail(self, rid: str, message: str, status: int,
                     code: str = "worker_shutdown") -> None:
-        msg = self._running.get(rid)
-        if msg is None:
+        running = self._running.get(rid)
+        if running is None:
             return
-        with contextlib.suppress(ProtocolError):
-            req = REQUEST.decode(msg.data)
-            self._cancelled.add(rid)
-            await self.engine.abort(rid)
-            await self._send_error(req, message, status, code)
+        req = running[1]
+        self._cancelled.add(rid)
+        await self.engine.abort(rid)
+        await self._send_error(req, message, status, code)
 
     async def _hand_back(self, msg: Msg) -> None:
         """A request that reached us while draining: give it back to the routers."""

@@ -15,10 +15,17 @@ collector to walk.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from dynamo_bus.bus.messages import RESEND, RESEND_ACK, ResendAck
+from dynamo_bus.errors import ProtocolError
 
 _FINAL = 1 << 62  # the end position of a request's error: always sent again
 
@@ -90,3 +97,21 @@ class SentLog:
                 chunks.append(bytes(sent.data[offset:stop]))
             offset = stop
         return sent.reply_to, chunks, finished
+
+    async def answer(self, msg: Msg, nc: NATS, worker_id: str, incarnation: str) -> None:
+        """A requester lost chunks in transit (``msg``: its ``Resend``): send them again,
+        then answer. A worker that does not hold the request stays silent."""
+        try:
+            ask = RESEND.decode(msg.data)
+        except ProtocolError:
+            return
+        found = self.since(ask.request_id, ask.from_index)
+        if found is None:
+            return
+        reply_to, chunks, finished = found
+        with contextlib.suppress(Exception):
+            for data in chunks:
+                await nc.publish(reply_to, data)
+            await msg.respond(RESEND_ACK.encode(ResendAck(
+                request_id=ask.request_id, worker_id=worker_id, incarnation=incarnation,
+                chunks=len(chunks), finished=finished)))

@@ -197,3 +197,75 @@ def test_busy_workers_are_skipped_and_all_busy_is_an_error() -> None:
     # a direct request is not subject to the thresholds
     direct = request(PROMPT, worker_id="a")
     assert policy.pick(direct, policy.candidates(direct)).worker.worker_id == "a"
+
+
+# -- disaggregated: which worker decodes, and whether a prefill worker computes first --
+
+def _disagg_view() -> FakeWorkerView:
+    view = FakeWorkerView()
+    for wid, role in (("a", "aggregated"), ("d1", "decode"), ("d2", "decode"),
+                      ("p1", "prefill"), ("p2", "prefill")):
+        reg = view.reg(wid)
+        reg.role = role  # type: ignore[assignment]
+        view.regs.append(reg)
+    return view
+
+
+def test_a_prefill_worker_never_decodes_and_a_long_uncached_prompt_goes_to_one() -> None:
+    view = _disagg_view()
+    view.regs = [r for r in view.regs if r.worker_id != "a"]
+    index = ResidencyIndex()
+    policy = RoutingPolicy(view, "kv_aware", block_size=BS, index=index)
+    hold(index, "p2", PROMPT[:6 * BS])
+    d = policy.place(request(PROMPT), view.workers(), min_prefill_tokens=100)
+    assert d.worker.role == "decode"
+    # The prefill side is chosen by its cached prefix, like any KV-aware choice.
+    assert d.prefill is not None and d.prefill.worker.worker_id == "p2"
+    assert d.prefill.overlap_blocks == 6
+
+
+def test_a_prompt_mostly_cached_on_the_decode_worker_is_prefilled_there() -> None:
+    view = _disagg_view()
+    view.regs = [r for r in view.regs if r.worker_id != "a"]
+    index = ResidencyIndex()
+    policy = RoutingPolicy(view, "kv_aware", block_size=BS, index=index)
+    hold(index, "d2", PROMPT[:16 * BS], "host")  # 4 blocks (64 tokens) left to compute
+    d = policy.place(request(PROMPT), view.workers(), min_prefill_tokens=100)
+    assert (d.worker.worker_id, d.prefill) == ("d2", None)
+    # At the threshold it goes remote: Dynamo's rule with ">= min" for "> max local".
+    d = policy.place(request(PROMPT, "r2"), view.workers(), min_prefill_tokens=64)
+    assert d.worker.worker_id == "d2" and d.prefill is not None
+
+
+def test_disaggregation_follows_the_decode_choice_and_busy_prefill_workers() -> None:
+    view = _disagg_view()
+    policy = RoutingPolicy(view, "kv_aware", block_size=BS, busy_prefill_tokens=500)
+    # An aggregated worker chosen to decode runs all of it.
+    d = policy.place(request(PROMPT, worker_id="a"), view.workers(), min_prefill_tokens=0)
+    assert (d.worker.worker_id, d.prefill) == ("a", None)
+    # Named decode worker: a prefill worker is still chosen by cost, not by the name.
+    d = policy.place(request(PROMPT, worker_id="d1"), view.workers(), min_prefill_tokens=0)
+    assert d.worker.worker_id == "d1" and d.prefill is not None
+    # Every prefill worker busy: the decode worker prefills it itself.
+    for p in ("p1", "p2"):
+        view.loads[p] = Load(worker_id=p, active_prefill_tokens=600, at=1.0)
+    d = policy.place(request(PROMPT, worker_id="d1"), view.workers(), min_prefill_tokens=0)
+    assert (d.worker.worker_id, d.prefill) == ("d1", None)
+
+
+def test_prefill_workers_alone_cannot_serve() -> None:
+    view = _disagg_view()
+    view.regs = [r for r in view.regs if r.role == "prefill"]
+    policy = RoutingPolicy(view, "kv_aware", block_size=BS)
+    with pytest.raises(NoEligibleWorker, match="no decode or aggregated worker"):
+        policy.place(request(PROMPT), view.workers())
+
+
+def test_sent_counts_prefill_on_the_prefill_worker_and_blocks_on_the_decoder() -> None:
+    view = _disagg_view()
+    view.regs = [r for r in view.regs if r.worker_id in ("d1", "p1")]
+    policy = RoutingPolicy(view, "kv_aware", block_size=BS, busy_prefill_tokens=300)
+    d = policy.place(request(PROMPT), view.workers(), min_prefill_tokens=0)
+    policy.sent(request(PROMPT), d)
+    # d1 is not busy with prefill (p1 computes the prompt); p1 now is.
+    assert not policy.busy(view.regs[0]) and policy.busy(view.regs[1])
