@@ -23,6 +23,7 @@ import signal
 import sys
 import types
 import typing
+from typing import Any
 from pathlib import Path
 
 import msgspec
@@ -137,8 +138,10 @@ def _add_config_flags(p: argparse.ArgumentParser, *, aliases: bool = False) -> N
     for f in msgspec.structs.fields(Config):
         default = "unset" if f.default is None else f.default
         names = [flag_name(f.name), *(_ALIASES.get(f.name, []) if aliases else [])]
+        # A bare boolean flag means true (``--disagg``); it also takes a value.
+        bare: dict[str, Any] = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
         p.add_argument(*names, dest=f.name, type=_arg_type(hints[f.name]),
-                       default=None, metavar=f.name.upper(),
+                       default=None, metavar=f.name.upper(), **bare,
                        help=f"{_HELP.get(f.name, '')} [env {env_name(f.name)}; "
                             f"default {default}]")
     p.add_argument("--config", metavar="FILE.toml",

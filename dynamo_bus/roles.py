@@ -262,6 +262,8 @@ async def run(cfg: Config, role: str) -> None:
         if role == "serve" and not cfg.nats_url:
             roles.start_embedded_nats()
             log.info("embedded nats-server at %s", roles.url)
+            if cfg.disagg:  # every worker on this host: NIXL (UCX) stays on loopback
+                os.environ.setdefault("UCX_NET_DEVICES", "lo")
         if role in ("serve", "frontend", "worker"):
             await asyncio.to_thread(roles.model)
         if role == "serve" and cfg.disagg:

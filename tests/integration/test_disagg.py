@@ -10,6 +10,8 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,22 @@ from typing import Any
 import pytest
 
 from dynamo_bus.bus.connection import open_bus
-from dynamo_bus.bus.messages import Request, RoutingHints, SamplingOptions
+from dynamo_bus.bus.messages import (
+    KV_DESCRIPTOR,
+    RESPONSE,
+    Chunk,
+    KVDescriptor,
+    Request,
+    RoutingHints,
+    SamplingOptions,
+    pack_hashes,
+    unbatch,
+)
 from dynamo_bus.bus.natsserver import EmbeddedNats
 from dynamo_bus.bus.registry import Registry
 from dynamo_bus.bus.subjects import Names
 from dynamo_bus.config import Config
+from dynamo_bus.hashing import sequence_hashes
 from dynamo_bus.roles import Roles
 from dynamo_bus.serving.requester import Requester, new_request_id
 from dynamo_bus.worker.runtime import Worker
@@ -238,3 +251,117 @@ async def _claimed_by_stopped(client: Client, names: Any, n: int) -> bool:
             return info.num_ack_pending > 0
         await asyncio.sleep(0.05)
     return False
+
+
+@pytest.mark.timeout(300)
+async def test_a_descriptor_it_must_not_read_is_prefilled_by_the_decode_worker(
+        nats: EmbeddedNats, model_dir: Any) -> None:
+    """Descriptors with a newer schema version, another model's KV, blocks that are not
+    the prompt's, a lapsed lease, an agent nobody published or one NIXL cannot reach:
+    each request is answered whole, by a local prefill, and the cause is counted."""
+    cfg = _config(nats.url, model_dir.path, dtype="auto")
+    roles = await _roles(cfg, decode=1)
+    decode = roles.workers[0]
+    names = Names(cfg.namespace)
+    rng = random.Random(11)
+    prompt = [rng.randrange(100, 40000) for _ in range(40)]
+    hashes = sequence_hashes(prompt, cfg.block_size)
+    assert decode.share is not None
+    await decode.share.directory.publish("junk.1", b"not an agent's metadata")
+    good = dict(agent="junk.1", hashes=pack_hashes(hashes), addrs=[4096, 8192],
+                block_bytes=decode.share.engine.host.block_bytes,
+                kv=decode.share.engine.kv_digest, lease="l", lease_expires=time.time() + 60)
+    cases = {
+        "bad_descriptor": dict(v=99),
+        "foreign_kv": dict(kv="00" * 16),
+        "block_mismatch": dict(hashes=pack_hashes([h + 1 for h in hashes])),
+        "lease_expired": dict(lease_expires=time.time() - 1),
+        "unknown_agent": dict(agent="nobody.1"),
+        "transfer_failed": {},
+    }
+    try:
+        async with Client(cfg, nats.url) as client:
+            want = await client.tokens(prompt, worker_id=decode.worker_id)
+            for cause, change in cases.items():
+                inbox = client.bus.nc.new_inbox()
+                req = Request(request_id=new_request_id(), model=MODEL, token_ids=prompt,
+                              reply_to=inbox, sampling=SamplingOptions(
+                                  max_tokens=12, temperature=0.0, ignore_eos=True))
+                desc = KVDescriptor(request_id=req.request_id, request=req,
+                                    **{**good, **change})  # type: ignore[arg-type]
+                got = await _answer(client, inbox, names.kv_subject(
+                    MODEL, f"{hashes[0]:016x}", decode.worker_id), KV_DESCRIPTOR.encode(desc))
+                assert got == want, cause
+                assert decode.disagg_counts().get(f"fault.{cause}") == 1, (
+                    cause, decode.disagg_counts())
+            # Not even a request inside: nobody to answer; dropped and counted.
+            await client.bus.js.publish(names.kv_subject(MODEL, "0" * 16), b"{}")
+            for _ in range(100):
+                if decode.disagg_counts().get("fault.bad_descriptor") == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert decode.disagg_counts()["fault.bad_descriptor"] == 2
+    finally:
+        await roles.stop()
+
+
+async def _answer(client: Client, inbox: str, subject: str, data: bytes) -> list[int]:
+    """Publish a descriptor and read its request's chunks off ``inbox``."""
+    sub = await client.bus.nc.subscribe(inbox)
+    await client.bus.js.publish(subject, data)
+    tokens: list[int] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=60)
+            for item in unbatch(RESPONSE.decode(msg.data)):
+                assert isinstance(item, Chunk), item
+                tokens += item.token_ids
+                if item.finish_reason is not None:
+                    return tokens
+    finally:
+        await sub.unsubscribe()
+
+
+@pytest.mark.timeout(300)
+def test_serve_disagg_answers_the_openai_api(procs: Processes, tmp_path: Path) -> None:
+    """`dynamo-bus serve --disagg`: one prefill and one decode worker behind the same
+    OpenAI API; a long prompt is prefilled by one and decoded by the other."""
+    import json
+    import urllib.request
+
+    proc = procs.start("serve", "--disagg", "--http-port", "0", "--store-dir",
+                       str(tmp_path / "js"), "--disagg-min-prefill-tokens", "64",
+                       "--kvbm-host-gib", "0.1", stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout is not None
+    port, log = None, []
+    for raw in proc.stdout:
+        log.append(raw.decode(errors="replace"))
+        if "frontend serving" in log[-1]:
+            port = int(log[-1].rsplit(":", 1)[1].split("/")[0])
+            break
+    assert port is not None, "".join(log[-30:])
+    drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        body = {"model": MODEL, "max_tokens": 24, "temperature": 0, "messages": [
+            {"role": "system", "content": "You are a concise assistant. " * 12},
+            {"role": "user", "content": "What is the capital of France?"}]}
+        post = urllib.request.Request(f"{base}/v1/chat/completions", method="POST",
+                                      data=json.dumps(body).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=120) as resp:
+            answer = json.load(resp)
+        assert "Paris" in answer["choices"][0]["message"]["content"], answer
+        time.sleep(0.5)  # the load report that counts the claim
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as resp:
+            health = json.load(resp)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        drain.wait(10)
+    roles = {w["role"]: w for w in health["workers"]}
+    assert set(roles) == {"prefill", "decode"}, health
+    assert roles["prefill"]["kv_transfers"]["descriptors"] == 1
+    assert roles["decode"]["kv_transfers"]["imported"] == 1
+    assert roles["decode"]["kv_transfers"]["read_blocks"] > 0
