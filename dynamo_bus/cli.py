@@ -23,8 +23,8 @@ import signal
 import sys
 import types
 import typing
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
