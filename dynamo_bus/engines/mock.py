@@ -15,6 +15,9 @@ bandwidth`` of the tier it comes from, divided by ``speedup``, for the request t
 waits for it (other requests' steps go on), and copying evicted blocks out costs no
 step time (a copy engine does it on a GPU; disk writes run beside the engine).
 
+As a prefill or decode worker the mock hands KV to another through its host tier,
+in bookkeeping and simulated transfer time (:mod:`dynamo_bus.engines.mock_peers`).
+
 Output tokens are pseudo-random ids in ``[0, vocab_size)`` fixed by (prompt, seed), or by
 (prompt, request id) without a seed, or by the prompt alone at temperature 0. The mock
 never emits an ``eos_token_ids`` id by itself, so only ``max_tokens`` ("length") or a
@@ -32,6 +35,7 @@ import numpy as np
 import xxhash
 
 from dynamo_bus.engines.base import EngineRequest
+from dynamo_bus.engines.mock_peers import TRANSFER_BANDWIDTH, SimulatedPeers
 from dynamo_bus.engines.scheduler import BatchingEngine
 from dynamo_bus.engines.sequence import Sampled, Seq
 
@@ -81,7 +85,7 @@ def decode_ms(utilization: float) -> float:
     return max(1.0, -25.74 * u * u + 54.01 * u + 5.74)
 
 
-class MockEngine(BatchingEngine):
+class MockEngine(SimulatedPeers, BatchingEngine):
     """A simulated engine; see the module docstring."""
 
     name = "mock"
@@ -93,7 +97,8 @@ class MockEngine(BatchingEngine):
                  clock: Clock | None = None, host_blocks: int = 0,
                  host_bandwidth: float = HOST_BANDWIDTH, kv_policy: str = "lru",
                  kv_offload: str = "evict", disk_blocks: int = 0,
-                 disk_bandwidth: float = DISK_BANDWIDTH, disk_admit_after: int = 2) -> None:
+                 disk_bandwidth: float = DISK_BANDWIDTH, disk_admit_after: int = 2,
+                 transfer_bandwidth: float = TRANSFER_BANDWIDTH) -> None:
         excluded = sorted({e for e in eos_token_ids if 0 <= e < vocab_size})
         if vocab_size - len(excluded) < 1:
             raise ValueError("vocab_size must leave at least one non-EOS token")
@@ -108,6 +113,7 @@ class MockEngine(BatchingEngine):
         self.speedup = speedup
         self.host_bandwidth = host_bandwidth
         self.disk_bandwidth = disk_bandwidth
+        self.transfer_bandwidth = transfer_bandwidth
         self.kv_bytes_per_token = kv_bytes_per_token
         self.clock: Clock = clock if clock is not None else AsyncioClock()
         self._excluded = np.asarray(excluded, dtype=np.int64)

@@ -91,7 +91,10 @@ async def open_roles(worker: Worker) -> tuple[KVShare, PrefillRole | None,
     the decode role's consumers start with ``DecodeRole.start``."""
     if not hasattr(worker.engine, "open_transfers"):
         raise ConfigError(f"the {worker.engine.name} engine cannot hand KV between workers; "
-                          f"--role {worker.role} needs the reference engine")
+                          f"--role {worker.role} needs the reference or the mock engine")
+    if getattr(worker.engine, "host", None) is None:
+        raise ConfigError(f"--role {worker.role} hands KV between workers through the host "
+                          "tier: give it one (--kvbm-host-gib > 0)")
     bus = worker.bus
     directory = AgentDirectory(await ensure_agents_bucket(bus.js, bus.names))
     share = KVShare(worker.engine, directory, worker_id=worker.worker_id,  # type: ignore[arg-type]

@@ -29,8 +29,8 @@ POLL_S = 0.02  # how often the lender looks for readers' notifications
 class LendingEngine(Protocol):
     """What :class:`KVShare` needs of an engine (a PagedKVEngine with a host tier)."""
 
-    host: Any
     kv_digest: str
+    transfer_block_bytes: int
 
     async def open_transfers(self, name: str) -> Any: ...
     def transfer_metadata(self) -> bytes: ...
@@ -93,7 +93,7 @@ class KVShare:
         lease = f"{request_id}.{self._serial}"
         ttl = self.leases.grant(lease, held)
         return KVDescriptor(request_id=request_id, agent=self.agent, hashes=pack_hashes(held),
-                            addrs=addrs, block_bytes=self.engine.host.block_bytes,
+                            addrs=addrs, block_bytes=self.engine.transfer_block_bytes,
                             kv=self.engine.kv_digest, lease=lease,
                             lease_expires=time.time() + ttl, first_token=first_token)
 

@@ -365,3 +365,25 @@ def test_serve_disagg_answers_the_openai_api(procs: Processes, tmp_path: Path) -
     assert roles["prefill"]["kv_transfers"]["descriptors"] == 1
     assert roles["decode"]["kv_transfers"]["imported"] == 1
     assert roles["decode"]["kv_transfers"]["read_blocks"] > 0
+
+
+async def test_mock_workers_disaggregate_too(stack: Any) -> None:
+    """The simulated engine takes the prefill and decode roles (KV handed over in
+    bookkeeping and simulated time): long prompts are prefilled on the prefill worker,
+    each claimed once, and the answers are the ones an aggregated mock gives."""
+    s = await stack(workers=0, frontend=False, kvbm_host_gib=0.5, disagg_min_prefill_tokens=64)
+    await s.roles.add_workers(1, "prefill")
+    await s.roles.add_workers(2, "decode")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (300, 40, 500, 200)]
+    async with Client(s.cfg, s.nats_url) as client:
+        got = [await client.tokens(p, max_tokens=8) for p in prompts]
+    decoders = [w for w in s.roles.workers if w.role == "decode"]
+    claims = [w.disagg_counts() for w in decoders]
+    prefill = next(w for w in s.roles.workers if w.role == "prefill").disagg_counts()
+    assert prefill["descriptors"] == 3  # the 40-token prompt stayed on its decode worker
+    assert sum(c.get("imported", 0) for c in claims) == 3, claims
+    assert sum(_moves(w, "nixl", "read_blocks") for w in decoders) == sum(n // 16 for n in (300, 500, 200))
+    agg = await stack(workers=1, frontend=False, namespace="agg")
+    async with Client(agg.cfg, agg.nats_url) as client:
+        assert [await client.tokens(p, max_tokens=8) for p in prompts] == got

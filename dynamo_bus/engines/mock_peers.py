@@ -1,0 +1,120 @@
+"""KV between simulated engines: the mock's half of the prefill and decode roles.
+
+The mock keeps its tiers' bookkeeping but no KV data, so handing blocks from one worker
+to another is bookkeeping plus time: a lender parks a prompt's blocks in its host tier
+(as the reference engine does) and describes them; a reader adds the blocks it holds in
+no tier to its own host tier after ``blocks x block bytes / transfer_bandwidth`` (divided
+by the speedup) of its clock, the time a NIXL READ would take, and the request then
+onboards them from there as any other. Nothing is pinned: with no bytes to protect, a
+lent block the lender evicts meanwhile is still "read". No notifications either: the
+lender's leases end by time. The checks a reader makes (what the blocks mean, the block
+list, the lease) are the reference engine's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from dynamo_bus.bus.messages import KVDescriptor, unpack_hashes
+from dynamo_bus.kvbm.files import fingerprint_digest
+
+if TYPE_CHECKING:
+    from dynamo_bus.engines.mock import Clock
+
+# KV moved between workers over NIXL (RDMA, 400 Gb/s NDR InfiniBand), bytes/s: what
+# the simulated READ of a descriptor's missing blocks takes. Dynamo's replay takes the
+# same figure as ``kv_transfer_bandwidth`` (GB/s).
+TRANSFER_BANDWIDTH = 50e9
+
+
+class SimulatedPeers:
+    """Mixin before :class:`~dynamo_bus.engines.scheduler.BatchingEngine` in the mock's
+    bases: overrides :class:`~dynamo_bus.engines.kv_peers.KVPeers`."""
+
+    if TYPE_CHECKING:  # the engine's (see MockEngine.__init__ and PagedKVEngine)
+        host: Any
+        disk: Any
+        pool: Any
+        fingerprint: Any
+        speedup: float
+        clock: Clock
+        block_size: int
+        kv_bytes_per_token: int
+        transfer_bandwidth: float
+        _transfers: Any
+        _kv_digest: bytes
+        _nixl_moves: dict[str, float]
+        _step_lock: Any
+
+        async def _copy_out(self, blocks: list[tuple[int, int]]) -> None: ...
+        def holds(self, block_hash: int) -> bool: ...
+
+    @property
+    def transfer_block_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.block_size
+
+    async def open_transfers(self, name: str) -> Any:
+        if self.host is None:
+            raise RuntimeError("the mock engine hands KV between workers through its host "
+                               "tier: give it one (--kvbm-host-gib)")
+        if self._transfers is None:
+            self._transfers = name
+            self._kv_digest = fingerprint_digest(self.fingerprint, self.kv_bytes_per_token,
+                                                 "mock")
+        return name
+
+    def transfer_metadata(self) -> bytes:
+        return f"simulated:{self._transfers}".encode()
+
+    async def transfer_notices(self) -> list[bytes]:
+        return []
+
+    async def park_host_blocks(self, hashes: list[int]) -> int:
+        host = self.host
+        if host is None:
+            return 0
+        async with self._step_lock:
+            ids = self.pool.lookup(hashes)
+            only_pool = [(h, b) for h, b in zip(hashes, ids, strict=False) if h not in host]
+            if only_pool:
+                await self._copy_out(only_pool)
+        return int(host.prefix(hashes))
+
+    def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], list[int]]:
+        held = list(hashes[:self.host.prefix(hashes)])
+        self._nixl_moves["lent_blocks"] += len(held)
+        return held, [0] * len(held)
+
+    def return_host_blocks(self, hashes: list[int]) -> None:
+        return None
+
+    async def pull_host_blocks(self, descriptor: KVDescriptor, metadata: bytes) -> int:
+        host, disk, peer = self.host, self.disk, descriptor.agent
+        if host is None or self._transfers is None:
+            raise RuntimeError("open_transfers first")
+        hashes = unpack_hashes(descriptor.hashes)
+        size = self.transfer_block_bytes
+        if descriptor.kv != self._kv_digest.hex() or descriptor.block_bytes != size:
+            raise ValueError(f"KV from {peer} is of another model or layout than this "
+                             "engine's")
+        if len(descriptor.addrs) != len(hashes):
+            raise ValueError(f"KV descriptor from {peer} names {len(hashes)} blocks and "
+                             f"{len(descriptor.addrs)} addresses")
+        if descriptor.lease_expires <= time.time():
+            raise ValueError(f"the lease on KV from {peer} ran out")
+        missing = [h for h in hashes if not self.holds(h)]
+        started = time.perf_counter()
+        await self.clock.sleep(len(missing) * size / self.transfer_bandwidth / self.speedup)
+        src, _, evicted = host.reserve(missing)
+        host.written([missing[i] for i in src])
+        if disk is not None:
+            disk.write_later(disk.demote(evicted))
+        moves = self._nixl_moves
+        moves["read_blocks"] += len(src)
+        moves["read_bytes"] += len(src) * size
+        moves["read_seconds"] += time.perf_counter() - started
+        n = 0
+        while n < len(hashes) and self.holds(hashes[n]):
+            n += 1
+        return n
