@@ -90,7 +90,7 @@ class SimulatedPeers:
         return None
 
     async def pull_host_blocks(self, descriptor: KVDescriptor, metadata: bytes) -> int:
-        host, disk, peer = self.host, self.disk, descriptor.agent
+        host, peer = self.host, descriptor.agent
         if host is None or self._transfers is None:
             raise RuntimeError("open_transfers first")
         hashes = unpack_hashes(descriptor.hashes)
@@ -103,6 +103,17 @@ class SimulatedPeers:
                              f"{len(descriptor.addrs)} addresses")
         if descriptor.lease_expires <= time.time():
             raise ValueError(f"the lease on KV from {peer} ran out")
+        await self.receive_blocks(list(hashes))
+        n = 0
+        while n < len(hashes) and self.holds(hashes[n]):
+            n += 1
+        return n
+
+    async def receive_blocks(self, hashes: list[int]) -> int:
+        """The simulated READ: the blocks of ``hashes`` this engine holds in no tier go
+        to its host tier after the time their bytes take at ``transfer_bandwidth``.
+        Returns how many it took in."""
+        host, disk, size = self.host, self.disk, self.transfer_block_bytes
         missing = [h for h in hashes if not self.holds(h)]
         started = time.perf_counter()
         await self.clock.sleep(len(missing) * size / self.transfer_bandwidth / self.speedup)
@@ -114,7 +125,4 @@ class SimulatedPeers:
         moves["read_blocks"] += len(src)
         moves["read_bytes"] += len(src) * size
         moves["read_seconds"] += time.perf_counter() - started
-        n = 0
-        while n < len(hashes) and self.holds(hashes[n]):
-            n += 1
-        return n
+        return len(src)

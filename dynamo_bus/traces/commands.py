@@ -158,6 +158,15 @@ def _add_simulate(sub: typing.Any) -> None:
     sim.add_argument("--residency-lag-ms", type=_number(float, 0), default=0.0,
                      help="delay between an engine's cache change and the router seeing it "
                           "(default %(default)g)")
+    sim.add_argument("--prefill-workers", type=_number(int, 0), default=0,
+                     help="disaggregated: this many prefill workers, and --workers decode "
+                          "workers (default %(default)s: aggregated)")
+    sim.add_argument("--disagg-min-prefill-tokens", type=_number(int, 0), default=1000,
+                     help="disaggregated: uncached prompt tokens on the chosen decode worker "
+                          "that send a request to a prefill worker (default %(default)s)")
+    sim.add_argument("--transfer-gb-per-s", type=_number(float, 0, above=True), default=50.0,
+                     help="disaggregated: KV transfer bandwidth, prefill host tier to decode "
+                          "worker, in GB/s (default %(default)g)")
     sim.add_argument("--limit", type=_number(int, 1), default=None,
                      help="only the first N requests (default: all)")
     sim.add_argument("--out", default=None, metavar="PREFIX",
@@ -255,7 +264,9 @@ def _simulate(args: argparse.Namespace, argv: list[str]) -> int:
                     residency_lag=args.residency_lag_ms / 1000, host_blocks=args.host_blocks,
                     host_bandwidth=args.host_gib_per_s * 2**30, disk_blocks=args.disk_blocks,
                     disk_bandwidth=args.disk_gib_per_s * 2**30, disk_admit=args.disk_admit,
-                    kv_policy=args.kv_policy)
+                    kv_policy=args.kv_policy, prefill_workers=args.prefill_workers,
+                    disagg_min_prefill_tokens=args.disagg_min_prefill_tokens,
+                    transfer_bandwidth=args.transfer_gb_per_s * 1e9)
     result = simulate(trace, s)
     shown = {k: v for k, v in vars(s).items() if k != "weights"}
     shown.update(overlap_weight=s.weights.overlap_weight, temperature=s.weights.temperature)

@@ -10,6 +10,14 @@ timer instead of waiting for it) and the bus (the router reads each engine's loa
 and residency directly; ``residency_lag`` delays the residency as a publish interval
 would).
 
+Disaggregated (``prefill_workers`` > 0): ``workers`` are decode workers and the policy
+places each request as the online router does (``RoutingPolicy.place``): a prompt
+whose part the chosen decode worker lacks has at least ``disagg_min_prefill_tokens``
+tokens runs on a prefill worker for one token, its blocks are parked in that worker's
+host tier, and the decode worker takes in the ones it lacks after their transfer time
+(``transfer_bandwidth``) before it decodes; the prefix hit rate is then the prefill
+worker's.
+
 Each request gives a :class:`~dynamo_bus.traces.report.RequestRecord`, as a live replay does:
 TTFT and E2E run from its arrival (trace timestamp / ``arrival_speedup``) to its first /
 last token; the prefix hit rate is cached prompt tokens over all prompt tokens, as
@@ -23,7 +31,7 @@ import selectors
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from dynamo_bus.bus.messages import (
     Fingerprint,
@@ -34,6 +42,8 @@ from dynamo_bus.bus.messages import (
 )
 from dynamo_bus.engines.base import EngineRequest
 from dynamo_bus.engines.mock import DISK_BANDWIDTH, HOST_BANDWIDTH, MockEngine
+from dynamo_bus.engines.mock_peers import TRANSFER_BANDWIDTH
+from dynamo_bus.errors import ConfigError
 from dynamo_bus.hashing import HASH_SCHEME, sequence_hashes
 from dynamo_bus.routing.policy import KvWeights, RoutingPolicy
 from dynamo_bus.traces.mooncake import TraceRequest, synth_tokens
@@ -88,11 +98,13 @@ class VirtualClock:
 class _SimWorkers:
     """The policy's view of the simulated workers: loads read live from the engines."""
 
-    def __init__(self, engines: dict[str, MockEngine], block_size: int) -> None:
+    def __init__(self, engines: dict[str, MockEngine], block_size: int,
+                 disaggregated: bool = False) -> None:
         self.engines = engines
         self.regs = [Registration(worker_id=wid, model=MODEL,
                                   fingerprint=Fingerprint(MODEL, block_size, HASH_SCHEME),
-                                  work_subject="", capacity=e.max_num_seqs)
+                                  work_subject="", capacity=e.max_num_seqs,
+                                  role=_role(wid) if disaggregated else "aggregated")
                      for wid, e in engines.items()]
 
     def workers(self, model: str | None = None) -> list[Registration]:
@@ -124,6 +136,9 @@ class SimSettings:
     disk_bandwidth: float = DISK_BANDWIDTH  # bytes/s, disk tier to device
     disk_admit: int = 2               # requests that must ask for a block before G3 takes it
     kv_policy: str = "lru"            # eviction in every tier
+    prefill_workers: int = 0          # > 0: disaggregated, ``workers`` decode workers
+    disagg_min_prefill_tokens: int = 1000  # uncached tokens worth a prefill worker
+    transfer_bandwidth: float = TRANSFER_BANDWIDTH  # bytes/s, prefill host tier to decode
 
 
 @dataclass
@@ -151,17 +166,27 @@ class SimResult:
         return dict(Counter(r.worker for r in self.records))
 
 
+def _role(worker_id: str) -> Literal["prefill", "decode"]:
+    return "prefill" if worker_id.startswith("p") else "decode"
+
+
 def _engines(s: SimSettings) -> dict[str, MockEngine]:
     clock = VirtualClock()
-    return {f"w{i}": MockEngine(MODEL, vocab_size=VOCAB, context_length=1 << 24,
+    if s.prefill_workers and not s.host_blocks:
+        raise ConfigError("a disaggregated simulation hands KV over through the host "
+                          "tiers: give --host-blocks")
+    ids = ([f"p{i}" for i in range(s.prefill_workers)] + [f"d{i}" for i in range(s.workers)]
+           if s.prefill_workers else [f"w{i}" for i in range(s.workers)])
+    return {wid: MockEngine(MODEL, vocab_size=VOCAB, context_length=1 << 24,
                                 block_size=s.block_size, num_blocks=s.num_blocks,
                                 max_num_seqs=s.max_num_seqs,
                                 max_num_batched_tokens=s.max_batched_tokens,
                                 speedup=s.engine_speedup, clock=clock,
                                 host_blocks=s.host_blocks, host_bandwidth=s.host_bandwidth,
                                 disk_blocks=s.disk_blocks, disk_bandwidth=s.disk_bandwidth,
-                                disk_admit_after=s.disk_admit, kv_policy=s.kv_policy)
-            for i in range(s.workers)}
+                                disk_admit_after=s.disk_admit, kv_policy=s.kv_policy,
+                                transfer_bandwidth=s.transfer_bandwidth)
+            for wid in ids}
 
 
 @dataclass
@@ -192,7 +217,8 @@ class _Sim:
         msg = Request(request_id=rid, model=MODEL, token_ids=tokens.tolist(), reply_to="")
         if self.s.residency_lag == 0:
             self.sync_residency()
-        decision = self.policy.pick(msg, self.policy.candidates(msg), hashes)
+        decision = self.policy.place(msg, self.policy.candidates(msg), hashes,
+                                     min_prefill_tokens=self.s.disagg_min_prefill_tokens)
         self.policy.sent(msg, decision)
         wid = decision.worker.worker_id
         sampling = SamplingOptions(max_tokens=req.output_length, temperature=0.0,
@@ -200,17 +226,38 @@ class _Sim:
         rec = self.records[i] = RequestRecord(index=i, arrival_s=arrival, start_s=arrival,
                                               prompt_tokens=len(tokens), worker=wid)
         first = last = 0.0
+        handed = decision.prefill is not None
+        if handed:
+            assert decision.prefill is not None
+            rec.cached_tokens = await self.hand_over(decision.prefill.worker.worker_id, wid,
+                                                     msg, hashes)
         async for out in self.engines[wid].generate(EngineRequest(rid, msg.token_ids,
                                                                   sampling)):
             if out.token_ids and not rec.output_tokens:
                 first = loop.time()
-                rec.cached_tokens = out.cached_tokens
+                if not handed:
+                    rec.cached_tokens = out.cached_tokens
             rec.output_tokens += len(out.token_ids)
             last = loop.time()
         rec.ttft_ms = (first - arrival) * 1000
         rec.e2e_ms = (last - arrival) * 1000
         if rec.output_tokens > 1:
             rec.itl_ms = (last - first) * 1000 / (rec.output_tokens - 1)
+
+    async def hand_over(self, prefill_id: str, decode_id: str, msg: Request,
+                        hashes: list[int]) -> int:
+        """Prefill ``msg`` on one worker, park its blocks and have the decode worker
+        take in those it lacks; returns the prompt tokens the prefill found cached."""
+        prefill, decode = self.engines[prefill_id], self.engines[decode_id]
+        cached = 0
+        one = SamplingOptions(max_tokens=1, temperature=0.0, ignore_eos=True)
+        async for out in prefill.generate(EngineRequest(msg.request_id + ".prefill",
+                                                        msg.token_ids, one)):
+            if out.token_ids:
+                cached = out.cached_tokens
+        held = await prefill.park_host_blocks(hashes)
+        await decode.receive_blocks(hashes[:held])
+        return cached
 
     async def run_all(self, trace: list[TraceRequest]) -> None:
         """Start each request at its arrival time; wait for them all."""
@@ -229,7 +276,8 @@ async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
     engines = _engines(s)
     for e in engines.values():
         await e.start()
-    policy = RoutingPolicy(_SimWorkers(engines, s.block_size), s.strategy,
+    policy = RoutingPolicy(_SimWorkers(engines, s.block_size, s.prefill_workers > 0),
+                           s.strategy,
                            block_size=s.block_size, weights=s.weights)
     sim = _Sim(s, engines, policy, [None] * len(trace))  # type: ignore[list-item]
     lag_task = asyncio.create_task(sim.lagged_residency()) if s.residency_lag > 0 else None

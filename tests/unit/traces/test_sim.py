@@ -65,3 +65,28 @@ def test_kv_aware_reuses_shared_prefixes_that_round_robin_scatters() -> None:
     assert rr.reuse < 0.5 * bound
     assert kv.reuse > 0.95 * bound
     assert sum(kv.ttft_ms) < sum(rr.ttft_ms)
+
+
+def test_a_disaggregated_request_pays_prefill_transfer_and_onboard_in_virtual_time() -> None:
+    from dynamo_bus.engines.mock import HOST_BANDWIDTH, KV_BYTES_PER_TOKEN
+
+    trace = [TraceRequest(0, 2000, 3, [1, 2, 3, 4])]  # 125 full blocks
+    s = SimSettings(workers=1, num_blocks=1024, prefill_workers=1, host_blocks=1024,
+                    disagg_min_prefill_tokens=1000, transfer_bandwidth=50e9)
+    r = simulate(trace, s)
+    nbytes = 125 * 16 * KV_BYTES_PER_TOKEN
+    floor = prefill_ms(2000) + 1000 * (nbytes / 50e9 + nbytes / HOST_BANDWIDTH)
+    # Then the decode worker computes at most one block (a prompt cached whole still
+    # computes its last token) before its first token.
+    assert floor < r.ttft_ms[0] < floor + prefill_ms(16) + 0.01
+    assert r.records[0].worker == "d0" and r.records[0].cached_tokens == 0
+    # Below the threshold the decode worker prefills it itself: as one aggregated worker.
+    s.disagg_min_prefill_tokens = 4096
+    local = simulate(trace, s)
+    alone = simulate(trace, SimSettings(workers=1, num_blocks=1024, host_blocks=1024))
+    assert local.ttft_ms == alone.ttft_ms and local.e2e_ms == alone.e2e_ms
+
+
+def test_disaggregated_simulation_needs_host_tiers() -> None:
+    with pytest.raises(ConfigError, match="--host-blocks"):
+        simulate([TraceRequest(0, 600, 1, [1, 2])], SimSettings(prefill_workers=1))
