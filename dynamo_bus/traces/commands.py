@@ -158,6 +158,14 @@ def _add_simulate(sub: typing.Any) -> None:
     sim.add_argument("--residency-lag-ms", type=_number(float, 0), default=0.0,
                      help="delay between an engine's cache change and the router seeing it "
                           "(default %(default)g)")
+    _add_disagg_args(sim)
+    sim.add_argument("--limit", type=_number(int, 1), default=None,
+                     help="only the first N requests (default: all)")
+    sim.add_argument("--out", default=None, metavar="PREFIX",
+                     help="report files PREFIX.md/.json/.png (default simulate-<time>)")
+
+
+def _add_disagg_args(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--prefill-workers", type=_number(int, 0), default=0,
                      help="disaggregated: this many prefill workers, and --workers decode "
                           "workers (default %(default)s: aggregated)")
@@ -167,10 +175,6 @@ def _add_simulate(sub: typing.Any) -> None:
     sim.add_argument("--transfer-gb-per-s", type=_number(float, 0, above=True), default=50.0,
                      help="disaggregated: KV transfer bandwidth, prefill host tier to decode "
                           "worker, in GB/s (default %(default)g)")
-    sim.add_argument("--limit", type=_number(int, 1), default=None,
-                     help="only the first N requests (default: all)")
-    sim.add_argument("--out", default=None, metavar="PREFIX",
-                     help="report files PREFIX.md/.json/.png (default simulate-<time>)")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
