@@ -13,6 +13,20 @@ Runs under the Dynamo peer venv (bench/setup_dynamo_peer.sh), not the project ve
 
 Offline replay accepts only router modes "kv_router" and "round_robin" (no "random").
 With kv_router, equal-cost workers are picked at random, so repeated runs differ slightly.
+
+Disaggregated replay: give both --prefill-workers P and --decode-workers D (> 0) and the
+replay runs P prefill-only and D decode-only mockers (engine "worker_type" "prefill" /
+"decode", same engine settings otherwise) instead of --workers aggregated ones.
+--kv-transfer-bandwidth (GB/s) and --kv-transfer-bytes-per-token model the prefill->decode KV
+transfer delay; they go in the PREFILL engine dict (Dynamo 1.6.1 also accepts them in the
+decode dict but ignores them there, checked), and without them there is no delay:
+
+    DYN_LOG=error .peers/dynamo/bin/python bench/peer_dynamo_replay.py \\
+        --trace /work/shared/traces/synthetic_trace.jsonl --prefill-workers 4 \\
+        --decode-workers 4 --kv-transfer-bandwidth 50 --kv-transfer-bytes-per-token 23040
+
+--host-blocks N adds the native host offload tier (G2) of N blocks per worker, sized with
+"kv_cache_bytes_per_token" 23040 (--kv-cache-bytes-per-token).
 """
 
 import argparse
@@ -48,10 +62,23 @@ def parse_args(argv=None):
     p.add_argument("--router-temperature", type=float, default=None, help="default 0")
     p.add_argument("--overlap-score-weight", type=float, default=None, help="default 1")
     p.add_argument("--kv-event-lag-ms", type=float, default=None, help="default 0 (sync)")
+    p.add_argument("--prefill-workers", type=int, default=0, help="disagg: with --decode-workers")
+    p.add_argument("--decode-workers", type=int, default=0, help="disagg: with --prefill-workers")
+    p.add_argument("--kv-transfer-bandwidth", type=float, default=None, help="GB/s, disagg only")
+    p.add_argument("--kv-transfer-bytes-per-token", type=int, default=None, help="disagg only")
+    p.add_argument("--host-blocks", type=int, default=None, help="native host offload blocks")
+    p.add_argument(
+        "--kv-cache-bytes-per-token", type=int, default=23040, help="sizes --host-blocks"
+    )
     return p.parse_args(argv)
 
 
-def engine_args(a):
+def disagg(a):
+    return a.prefill_workers > 0 and a.decode_workers > 0
+
+
+def engine_args(a, worker_type=None):
+    """{"engine": {...}} for aggregated workers (worker_type None) or one disagg side."""
     engine = {"block_size": a.block_size, "num_gpu_blocks": a.num_gpu_blocks}
     for key, val in (
         ("max_num_seqs", a.max_num_seqs),
@@ -62,7 +89,35 @@ def engine_args(a):
     ):
         if val is not None:
             engine[key] = val
+    if a.host_blocks is not None:
+        engine["native_host_offload"] = {"num_host_blocks": a.host_blocks}
+        engine["kv_cache_bytes_per_token"] = a.kv_cache_bytes_per_token
+    if worker_type is not None:
+        engine["worker_type"] = worker_type
+    if worker_type == "prefill":
+        for key, val in (
+            ("kv_transfer_bandwidth", a.kv_transfer_bandwidth),
+            ("kv_transfer_bytes_per_token", a.kv_transfer_bytes_per_token),
+        ):
+            if val is not None:
+                engine[key] = val
     return {"engine": engine}
+
+
+def worker_kwargs(a):
+    """run_trace_replay worker/engine keywords: aggregated or disaggregated."""
+    if disagg(a):
+        return {
+            "num_prefill_workers": a.prefill_workers,
+            "num_decode_workers": a.decode_workers,
+            "prefill_engine_args": engine_args(a, "prefill"),
+            "decode_engine_args": engine_args(a, "decode"),
+        }
+    if a.prefill_workers or a.decode_workers:
+        sys.exit("--prefill-workers and --decode-workers must both be > 0")
+    if a.kv_transfer_bandwidth is not None or a.kv_transfer_bytes_per_token is not None:
+        sys.exit("--kv-transfer-* need --prefill-workers and --decode-workers")
+    return {"num_workers": a.workers, "extra_engine_args": engine_args(a)}
 
 
 def router_config(a):
@@ -97,10 +152,9 @@ def main(argv=None):
             [trace],
             replay_mode="offline",
             router_mode=a.router_mode,
-            num_workers=a.workers,
             trace_block_size=a.trace_block_size,
             arrival_speedup_ratio=a.arrival_speedup,
-            extra_engine_args=engine_args(a),
+            **worker_kwargs(a),
             router_config=router_config(a),
             kv_event_lag_ms=a.kv_event_lag_ms,
         )
@@ -111,7 +165,11 @@ def main(argv=None):
     out = {
         "peer": "dynamo-1.6.1-offline-replay",
         "args": vars(a),
-        "engine_args": engine_args(a),
+        "engine_args": (
+            {k: v for k, v in worker_kwargs(a).items() if k.endswith("engine_args")}
+            if disagg(a)
+            else engine_args(a)
+        ),
         "wall_s": wall_s,
         "summary": dict(rep.summary),
     }

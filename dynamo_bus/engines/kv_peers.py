@@ -84,6 +84,11 @@ class KVPeers:
             self._nixl_thread.shutdown(wait=True)
             self._nixl_thread = None
 
+    @property
+    def transfer_block_bytes(self) -> int:
+        """The bytes of one block as lent and read (0 with no host tier)."""
+        return self.host.block_bytes if self.host is not None else 0
+
     async def park_host_blocks(self, hashes: list[int]) -> int:
         """Put the leading ``hashes`` this engine holds into its host tier, copying the
         ones only its pool holds (what a prefill hands on), once the step under way and

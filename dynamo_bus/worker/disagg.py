@@ -114,6 +114,14 @@ class PrefillRole:
         self.counts: Counter[str] = Counter()
 
     async def run(self, req: Request) -> None:
+        try:
+            await self._hand_off(req)
+        except Exception as exc:  # answered, never left waiting
+            log.exception("handing request %s to a decode worker failed", req.request_id)
+            await self.worker._send_error(req, f"prefill handoff failed: {exc!r}", 500,
+                                          "handoff_failed")
+
+    async def _hand_off(self, req: Request) -> None:
         w, rid = self.worker, req.request_id
         first = await self._first_token(req)
         if first is None or rid in w._cancelled:
@@ -279,6 +287,10 @@ class DecodeRole:
                 cause = "transfer_failed"
             except TimeoutError:
                 cause = "transfer_timeout"
+            except Exception:
+                log.exception("KV claim on %s: the READ of request %s failed",
+                              w.worker_id, req.request_id)
+                cause = "transfer_failed"
         self.counts["claimed"] += 1
         if cause is not None:
             self._fault(cause, f"request {req.request_id}: prefilling it here")

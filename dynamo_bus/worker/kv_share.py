@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dynamo_bus.bus.messages import KVDescriptor, pack_hashes
 from dynamo_bus.transfer import AgentDirectory, LeaseBook, agent_name
@@ -29,8 +29,10 @@ POLL_S = 0.02  # how often the lender looks for readers' notifications
 class LendingEngine(Protocol):
     """What :class:`KVShare` needs of an engine (a PagedKVEngine with a host tier)."""
 
-    kv_digest: str
-    transfer_block_bytes: int
+    @property
+    def kv_digest(self) -> str: ...
+    @property
+    def transfer_block_bytes(self) -> int: ...
 
     async def open_transfers(self, name: str) -> Any: ...
     def transfer_metadata(self) -> bytes: ...
@@ -39,6 +41,14 @@ class LendingEngine(Protocol):
     def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], list[int]]: ...
     def return_host_blocks(self, hashes: list[int]) -> None: ...
     async def pull_host_blocks(self, descriptor: KVDescriptor, metadata: bytes) -> int: ...
+
+
+if TYPE_CHECKING:  # mypy checks that both engines are what KVShare needs
+    from dynamo_bus.engines.mock import MockEngine
+    from dynamo_bus.engines.reference.engine import ReferenceEngine
+
+    def _conforms(a: ReferenceEngine, b: MockEngine) -> tuple[LendingEngine, LendingEngine]:
+        return a, b
 
 
 class KVShare:

@@ -34,6 +34,7 @@ from dynamo_bus.bus.natsserver import EmbeddedNats
 from dynamo_bus.bus.registry import Registry
 from dynamo_bus.bus.subjects import Names
 from dynamo_bus.config import Config
+from dynamo_bus.errors import DynamoBusError
 from dynamo_bus.hashing import sequence_hashes
 from dynamo_bus.roles import Roles
 from dynamo_bus.serving.requester import Requester, new_request_id
@@ -388,3 +389,23 @@ async def test_mock_workers_disaggregate_too(stack: Any) -> None:
     agg = await stack(workers=1, frontend=False, namespace="agg")
     async with Client(agg.cfg, agg.nats_url) as client:
         assert [await client.tokens(p, max_tokens=8) for p in prompts] == got
+
+
+async def test_a_prefill_worker_that_cannot_hand_over_answers_with_an_error(
+        stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong after the prefill, the requester gets an OpenAI-shaped error
+    naming it, never a wait for its timeout."""
+    s = await stack(workers=0, frontend=False, kvbm_host_gib=0.5, disagg_min_prefill_tokens=0)
+    prefill = (await s.roles.add_workers(1, "prefill"))[0]
+    await s.roles.add_workers(1, "decode")
+    assert prefill.share is not None
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("host tier unavailable")
+
+    monkeypatch.setattr(prefill.share, "lend", broken)
+    async with Client(s.cfg, s.nats_url) as client:
+        with pytest.raises(DynamoBusError) as failed:
+            await asyncio.wait_for(client.tokens(list(range(100, 400))), 30)
+    assert (failed.value.status, failed.value.code) == (500, "handoff_failed")
+    assert "host tier unavailable" in failed.value.message
