@@ -67,16 +67,7 @@ class Deployment:
         url = self.nats.start()
         model = resolve_model(None)
         self.cfg = Config(nats_url=url, model=str(model.path), **self.settings)
-        env = {**os.environ, "UCX_TLS": "self,sm", "UCX_NET_DEVICES": "lo",
-               "PYTHONUNBUFFERED": "1"}
-        flags = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
-                 for k, v in self.settings.items()]
-        for i, role in enumerate(self.roles):
-            log = open(self.store / f"{role}-{i}.log", "wb")  # noqa: SIM115 (the child's)
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "dynamo_bus.cli", "worker", "--role", role,
-                 "--worker-id", f"{role}-{i}", "--nats-url", url, "--model", str(model.path),
-                 *flags], stdout=log, stderr=subprocess.STDOUT, env=env))
+        self._spawn(url, str(model.path))
         self.bus = await open_bus(self.cfg, url, name="bench")
         self.registry = Registry(self.bus, ttl=self.cfg.worker_ttl)
         await self.registry.start()
@@ -90,6 +81,18 @@ class Deployment:
         self.requester = Requester(self.bus, self.registry, timeout=600.0)
         await self.requester.start()
         return self
+
+    def _spawn(self, url: str, model: str) -> None:
+        env = {**os.environ, "UCX_TLS": "self,sm", "UCX_NET_DEVICES": "lo",
+               "PYTHONUNBUFFERED": "1"}
+        flags = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
+                 for k, v in self.settings.items()]
+        for i, role in enumerate(self.roles):
+            with open(self.store / f"{role}-{i}.log", "wb") as log:  # the child keeps its own
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "dynamo_bus.cli", "worker", "--role", role,
+                     "--worker-id", f"{role}-{i}", "--nats-url", url, "--model", model,
+                     *flags], stdout=log, stderr=subprocess.STDOUT, env=env))
 
     async def __aexit__(self, *exc: object) -> None:
         await self.requester.stop()
@@ -146,11 +149,11 @@ async def affinity(a: argparse.Namespace, store: Path) -> dict[str, Any]:
     rows = {}
     for name, steer in (("affinity (router names the decode worker)", True),
                         ("competing consumers (shared subject)", False)):
-        rng = random.Random(a.seed)
         async with Deployment(store / f"aff-{steer}", ["prefill", "decode", "decode"],
                               disagg_min_prefill_tokens=0, disagg_affinity=steer,
                               **COMMON) as d:
-            async def session(s: int) -> list[dict[str, Any]]:
+            async def session(i: int, d: Deployment = d) -> list[Any]:
+                rng = random.Random(f"{a.seed}-{i}")  # the same turns in every deployment
                 prompt, out = _tokens(rng, a.first_turn), []
                 for _ in range(a.turns):
                     r = await d.run(prompt, a.answer)
@@ -158,7 +161,7 @@ async def affinity(a: argparse.Namespace, store: Path) -> dict[str, Any]:
                     prompt = prompt + r["tokens"] + _tokens(rng, a.new_tokens)
                 return out
 
-            sessions = await asyncio.gather(*(session(s) for s in range(a.sessions)))
+            sessions = await asyncio.gather(*(session(i) for i in range(a.sessions)))
             moves = await d.moves()
         later = [r["ttft_ms"] for turns in sessions for r in turns[1:]]
         read = sum(m.get("read_bytes", 0) for m in moves.values())
@@ -182,7 +185,8 @@ async def mixed(a: argparse.Namespace, store: Path) -> dict[str, Any]:
         async with Deployment(store / f"mixed-{roles[0]}", roles, **COMMON) as d:
             sem = asyncio.Semaphore(a.concurrency)
 
-            async def one(prompt: list[int], n: int) -> dict[str, Any]:
+            async def one(prompt: list[int], n: int, d: Deployment = d,
+                          sem: asyncio.Semaphore = sem) -> dict[str, Any]:
                 async with sem:
                     return await d.run(prompt, n)
 
@@ -220,7 +224,7 @@ def report(a: argparse.Namespace, results: dict[str, Any], argv: list[str]) -> s
         r = results["affinity"]
         rows = list(r["rows"].items())
         base = rows[1][1]
-        lines += [f"## Multi-turn sessions: affinity against competing consumers", "",
+        lines += ["## Multi-turn sessions: affinity against competing consumers", "",
                   f"{a.sessions} sessions x {a.turns} turns (first prompt {a.first_turn} "
                   f"tokens, each turn adds its {a.answer}-token answer and {a.new_tokens} "
                   "new tokens), 1 prefill + 2 decode workers, every turn prefilled remotely. "
