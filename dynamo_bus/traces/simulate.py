@@ -27,6 +27,7 @@ Dynamo's replay reports its "prefix cache reused ratio".
 from __future__ import annotations
 
 import asyncio
+from array import array
 import selectors
 import time
 from collections import Counter
@@ -147,6 +148,14 @@ class SimResult:
     records: list[RequestRecord]      # in trace order; times are virtual
     wall_s: float
     preemptions: int
+    gaps_ms: array[float] = field(default_factory=lambda: array("d"))  # every token's
+
+    @property
+    def token_itl_ms(self) -> array[float]:
+        """The gap before every output token after a request's first, over all
+        requests: Dynamo's replay reports ITL as this distribution (and the per-request
+        mean, ``RequestRecord.itl_ms``, as TPOT)."""
+        return self.gaps_ms
 
     @property
     def reuse(self) -> float:
@@ -197,6 +206,7 @@ class _Sim:
     engines: dict[str, MockEngine]
     policy: RoutingPolicy
     records: list[RequestRecord]
+    gaps_ms: array[float] = field(default_factory=lambda: array("d"))
 
     def sync_residency(self) -> None:
         for wid, e in self.engines.items():
@@ -233,12 +243,16 @@ class _Sim:
                                                      msg, hashes)
         async for out in self.engines[wid].generate(EngineRequest(rid, msg.token_ids,
                                                                   sampling)):
+            now = loop.time()
             if out.token_ids and not rec.output_tokens:
-                first = loop.time()
+                first = now
                 if not handed:
                     rec.cached_tokens = out.cached_tokens
+            elif out.token_ids:
+                gap = (now - last) * 1000 / len(out.token_ids)
+                self.gaps_ms.extend([gap] * len(out.token_ids))
             rec.output_tokens += len(out.token_ids)
-            last = loop.time()
+            last = now
         rec.ttft_ms = (first - arrival) * 1000
         rec.e2e_ms = (last - arrival) * 1000
         if rec.output_tokens > 1:
@@ -287,7 +301,8 @@ async def _simulate(trace: list[TraceRequest], s: SimSettings) -> SimResult:
     for e in engines.values():
         await e.stop()
     return SimResult(settings=s, records=sim.records, wall_s=0.0,
-                     preemptions=sum(e.num_preemptions for e in engines.values()))
+                     preemptions=sum(e.num_preemptions for e in engines.values()),
+                     gaps_ms=sim.gaps_ms)
 
 
 def simulate(trace: list[TraceRequest], settings: SimSettings) -> SimResult:
