@@ -1,6 +1,6 @@
 """Disaggregated prefill/decode on the reference engine with real NIXL (UCX over
-loopback shared memory): greedy answers equal the aggregated ones whichever tier or
-worker a prefix comes from, each descriptor is claimed once among competing decode
+loopback shared memory): greedy answers equal the aggregated ones (and transformers')
+whichever tier or worker a prefix comes from, each descriptor is claimed once among competing decode
 workers, and a decode worker killed with descriptors claimed but not acked loses none.
 """
 
@@ -106,6 +106,23 @@ def _prompts(seed: int = 7) -> list[list[int]]:
     return [p + tails[i][r] for r in range(2) for i, p in enumerate(prefixes)]
 
 
+def _transformers(model: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Hugging Face transformers' greedy continuations, EOS not ending them (as
+    ``ignore_eos``)."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            gen = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=0)
+            out.append(gen[0, len(prompt):].tolist())
+    return out
+
+
 def _moves(worker: Worker, tier: str, key: str) -> float:
     return float(worker.engine.load().tier_moves.get(tier, {}).get(key, 0))
 
@@ -150,6 +167,7 @@ async def test_disaggregated_greedy_answers_equal_aggregated(
     finally:
         await roles.stop()
     assert got == expected
+    assert _transformers(fp32_dir, prompts[:3], 12) == expected[:3]
     # Both prefill workers handed requests on; prefixes came back from their host and
     # disk tiers; the decode worker imported every claim and read only what it lacked.
     assert all(c["descriptors"] > 0 for c in counts), counts
@@ -409,3 +427,24 @@ async def test_a_prefill_worker_that_cannot_hand_over_answers_with_an_error(
             await asyncio.wait_for(client.tokens(list(range(100, 400))), 30)
     assert (failed.value.status, failed.value.code) == (500, "handoff_failed")
     assert "host tier unavailable" in failed.value.message
+
+
+async def test_aggregated_and_disaggregated_workers_serve_one_model_together(
+        stack: Any) -> None:
+    """An aggregated worker beside a prefill and a decode worker: the router sends each
+    request to whichever is cheaper, and every answer is the one a lone aggregated
+    worker gives."""
+    s = await stack(workers=1, frontend=False, kvbm_host_gib=0.5, disagg_min_prefill_tokens=64)
+    await s.roles.add_workers(1, "prefill")
+    await s.roles.add_workers(1, "decode")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randrange(30, 600))]
+               for _ in range(24)]
+    async with Client(s.cfg, s.nats_url) as client:
+        got = await asyncio.gather(*(client.tokens(p, max_tokens=6) for p in prompts))
+    by_role = {w.role: w for w in s.roles.workers}
+    assert by_role["prefill"].disagg_counts()["descriptors"] > 0
+    assert by_role["decode"].disagg_counts()["claimed"] > 0
+    agg = await stack(workers=1, frontend=False, namespace="agg")
+    async with Client(agg.cfg, agg.nats_url) as client:
+        assert [await client.tokens(p, max_tokens=6) for p in prompts] == got
