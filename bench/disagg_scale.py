@@ -50,7 +50,7 @@ def ours(a: argparse.Namespace, workers: int, prefill: int) -> dict[str, Any]:
     trace = read_trace(a.trace, limit=a.limit)
     r = simulate(trace, SimSettings(
         workers=workers, prefill_workers=prefill, num_blocks=a.blocks, host_blocks=a.blocks,
-        engine_speedup=a.speedup, arrival_speedup=a.speedup, transfer_bandwidth=50e9,
+        engine_speedup=a.speedup, arrival_speedup=a.arrival_speedup, transfer_bandwidth=50e9,
         disagg_min_prefill_tokens=a.min_prefill))
     ends = [rec.arrival_s + rec.e2e_ms / 1000 for rec in r.records if rec.e2e_ms is not None]
     span = max(ends) - min(rec.arrival_s for rec in r.records)
@@ -67,7 +67,7 @@ def dynamo(a: argparse.Namespace, workers: int, prefill: int) -> dict[str, Any]:
     cmd = [str(PEER), str(ROOT / "bench" / "peer_dynamo_replay.py"), "--trace", str(a.trace),
            "--num-gpu-blocks", str(a.blocks), "--host-blocks", str(a.blocks),
            "--block-size", "16", "--speedup", str(a.speedup),
-           "--arrival-speedup", str(a.speedup), "--router-mode", "kv_router"]
+           "--arrival-speedup", str(a.arrival_speedup), "--router-mode", "kv_router"]
     if prefill:
         cmd += ["--prefill-workers", str(prefill), "--decode-workers", str(workers),
                 "--kv-transfer-bandwidth", "50", "--kv-transfer-bytes-per-token", "23040"]
@@ -100,8 +100,9 @@ def report(a: argparse.Namespace, rows: dict[str, dict[str, Any]], argv: list[st
              f"- **commit**: {commit}",
              f"- **machine**: {platform.node()}, {os.cpu_count()} CPUs, Python "
              f"{platform.python_version()}; virtual time on both sides",
-             f"- **trace**: {a.trace.name}, {a.limit or 'all'} requests; speedup {a.speedup} "
-             f"(engine and arrivals); {a.blocks} device + {a.blocks} host blocks per worker; "
+             f"- **trace**: {a.trace.name}, {a.limit or 'all'} requests; engine speedup "
+             f"{a.speedup}, arrivals {a.arrival_speedup}x; {a.blocks} device + {a.blocks} "
+             "host blocks per worker; "
              f"ours: prompts with >= {a.min_prefill} uncached tokens go to a prefill worker",
              "", "ms unless named. ITL: every token's gap; TPOT: each request's mean gap.", "",
              "| deployment | system | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | TPOT p50 | "
@@ -142,11 +143,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--blocks", type=int, default=16384)
     ap.add_argument("--speedup", type=float, default=2.0)
+    ap.add_argument("--arrival-speedup", type=float, default=None,
+                    help="divide the trace's arrival times by this (default: --speedup)")
     ap.add_argument("--min-prefill", type=int, default=1000)
     ap.add_argument("--no-dynamo", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     argv = sys.argv[1:]
     a = ap.parse_args(argv)
+    a.arrival_speedup = a.arrival_speedup or a.speedup
     rows: dict[str, dict[str, Any]] = {}
     for name, workers, prefill in SHAPES:
         rows[f"{name} / dynamo-bus"] = ours(a, workers, prefill)

@@ -39,3 +39,18 @@ def test_bad_names_are_refused_with_the_flag_named() -> None:
         Names("has.dot")
     with pytest.raises(ConfigError, match="--worker-id"):
         Names().work_subject("a.b")
+
+
+def test_kv_descriptor_subjects_steer_to_a_worker_or_to_any_and_back() -> None:
+    names = Names()
+    steered = names.kv_subject("org/m.1", "00ff", "dec-1")
+    assert steered == "dyn.dynamo.kv.org/m%2E1.to.dec-1.00ff"
+    assert names.kv_unsteered(steered) == names.kv_subject("org/m.1", "00ff")
+    assert names.kv_unsteered(steered) == "dyn.dynamo.kv.org/m%2E1.any.00ff"
+    # Each decode worker's filter and the shared one never overlap (a work queue refuses
+    # overlapping consumers): the token after the model differs.
+    assert names.kv_claim_filter("org/m.1", "dec-1").split(".")[4] == "to"
+    assert names.kv_shared_filter("org/m.1").split(".")[4] == "any"
+    assert names.kv_shared_consumer("org/m.1") != names.kv_shared_consumer("org/m.2")
+    with pytest.raises(ValueError, match="not a steered"):
+        names.kv_unsteered(names.kv_subject("m", "00ff"))
