@@ -27,9 +27,9 @@ Dynamo's replay reports its "prefix cache reused ratio".
 from __future__ import annotations
 
 import asyncio
-from array import array
 import selectors
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
