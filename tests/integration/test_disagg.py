@@ -448,3 +448,25 @@ async def test_aggregated_and_disaggregated_workers_serve_one_model_together(
     agg = await stack(workers=1, frontend=False, namespace="agg")
     async with Client(agg.cfg, agg.nats_url) as client:
         assert [await client.tokens(p, max_tokens=6) for p in prompts] == got
+
+
+async def test_a_read_that_outlasts_its_timeout_is_prefilled_by_the_decode_worker(
+        stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A READ that does not finish within --kv-transfer-timeout: the decode worker stops
+    waiting, prefills the prompt itself and counts the cause; the answer is whole."""
+    s = await stack(workers=0, frontend=False, kvbm_host_gib=0.5, disagg_min_prefill_tokens=0,
+                    kv_transfer_timeout=0.3)
+    await s.roles.add_workers(1, "prefill")
+    decode = (await s.roles.add_workers(1, "decode"))[0]
+    assert decode.share is not None
+
+    async def stuck(*args: Any, **kwargs: Any) -> int:
+        await asyncio.sleep(30)
+        return 0
+
+    prompt = list(range(100, 400))
+    async with Client(s.cfg, s.nats_url) as client:
+        want = await client.tokens(prompt, max_tokens=6)
+        monkeypatch.setattr(decode.share, "pull", stuck)
+        assert await asyncio.wait_for(client.tokens(prompt, max_tokens=6), 20) == want
+    assert decode.disagg_counts()["fault.transfer_timeout"] == 1
