@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -94,7 +95,7 @@ class KVPeers:
         ones only its pool holds (what a prefill hands on), once the step under way and
         its copies are done. Returns how many leading ``hashes`` the host tier holds."""
         host = self.host
-        if host is None or host.data is None:
+        if host is None:
             return 0
         async with self._step_lock:
             ids = self.pool.lookup(hashes)
@@ -145,15 +146,7 @@ class KVPeers:
         host, disk, agent = self.host, self.disk, self._transfers
         if host is None or host.data is None or agent is None:
             raise RuntimeError("open_transfers first")
-        hashes, addrs, peer = unpack_hashes(descriptor.hashes), descriptor.addrs, descriptor.agent
-        if descriptor.kv != self.kv_digest or descriptor.block_bytes != host.block_bytes:
-            raise ValueError(f"KV from {peer} is of another model or layout than this "
-                             "engine's")
-        if len(addrs) != len(hashes):
-            raise ValueError(f"KV descriptor from {peer} names {len(hashes)} blocks and "
-                             f"{len(addrs)} addresses")
-        if descriptor.lease_expires <= time.time():
-            raise ValueError(f"the lease on KV from {peer} ran out")
+        hashes, addrs, peer = self._readable(descriptor), descriptor.addrs, descriptor.agent
         notify = KV_READ_DONE.encode(KVReadDone(lease=descriptor.lease))
         missing = [i for i, h in enumerate(hashes) if not self.holds(h)]
         src, slots, evicted = host.reserve([hashes[i] for i in missing])
@@ -190,6 +183,26 @@ class KVPeers:
             host.written(new, ok=ok)
             if disk is not None:
                 disk.write_later(plan, staged=ok)
+        return self.held_prefix(hashes)
+
+    def _readable(self, descriptor: KVDescriptor) -> array[int]:
+        """The block hashes of a descriptor this engine may read; ``ValueError`` for one
+        it must not (another model or layout, a block list that does not add up, a
+        lapsed lease)."""
+        hashes, peer = unpack_hashes(descriptor.hashes), descriptor.agent
+        if (descriptor.kv != self.kv_digest
+                or descriptor.block_bytes != self.transfer_block_bytes):
+            raise ValueError(f"KV from {peer} is of another model or layout than this "
+                             "engine's")
+        if len(descriptor.addrs) != len(hashes):
+            raise ValueError(f"KV descriptor from {peer} names {len(hashes)} blocks and "
+                             f"{len(descriptor.addrs)} addresses")
+        if descriptor.lease_expires <= time.time():
+            raise ValueError(f"the lease on KV from {peer} ran out")
+        return hashes
+
+    def held_prefix(self, hashes: Sequence[int]) -> int:
+        """How many of the leading ``hashes`` some tier of this engine holds."""
         n = 0
         while n < len(hashes) and self.holds(hashes[n]):
             n += 1

@@ -7,16 +7,18 @@ no tier to its own host tier after ``blocks x block bytes / transfer_bandwidth``
 by the speedup) of its clock, the time a NIXL READ would take, and the request then
 onboards them from there as any other. Nothing is pinned: with no bytes to protect, a
 lent block the lender evicts meanwhile is still "read". No notifications either: the
-lender's leases end by time. The checks a reader makes (what the blocks mean, the block
-list, the lease) are the reference engine's.
+lender's leases end by time. Parking, and the checks a reader makes (what the blocks
+mean, the block list, the lease), are the reference engine's
+(:class:`~dynamo_bus.engines.kv_peers.KVPeers`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dynamo_bus.bus.messages import KVDescriptor, unpack_hashes
+from dynamo_bus.bus.messages import KVDescriptor
 from dynamo_bus.kvbm.files import fingerprint_digest
 
 if TYPE_CHECKING:
@@ -35,7 +37,6 @@ class SimulatedPeers:
     if TYPE_CHECKING:  # the engine's (see MockEngine.__init__ and PagedKVEngine)
         host: Any
         disk: Any
-        pool: Any
         fingerprint: Any
         speedup: float
         clock: Clock
@@ -45,10 +46,10 @@ class SimulatedPeers:
         _transfers: Any
         _kv_digest: bytes
         _nixl_moves: dict[str, float]
-        _step_lock: Any
 
-        async def _copy_out(self, blocks: list[tuple[int, int]]) -> None: ...
         def holds(self, block_hash: int) -> bool: ...
+        def held_prefix(self, hashes: Sequence[int]) -> int: ...
+        def _readable(self, descriptor: KVDescriptor) -> Any: ...
 
     @property
     def transfer_block_bytes(self) -> int:
@@ -70,17 +71,6 @@ class SimulatedPeers:
     async def transfer_notices(self) -> list[bytes]:
         return []
 
-    async def park_host_blocks(self, hashes: list[int]) -> int:
-        host = self.host
-        if host is None:
-            return 0
-        async with self._step_lock:
-            ids = self.pool.lookup(hashes)
-            only_pool = [(h, b) for h, b in zip(hashes, ids, strict=False) if h not in host]
-            if only_pool:
-                await self._copy_out(only_pool)
-        return int(host.prefix(hashes))
-
     def lend_host_blocks(self, hashes: list[int]) -> tuple[list[int], list[int]]:
         held = list(hashes[:self.host.prefix(hashes)])
         self._nixl_moves["lent_blocks"] += len(held)
@@ -90,24 +80,11 @@ class SimulatedPeers:
         return None
 
     async def pull_host_blocks(self, descriptor: KVDescriptor, metadata: bytes) -> int:
-        host, peer = self.host, descriptor.agent
-        if host is None or self._transfers is None:
+        if self.host is None or self._transfers is None:
             raise RuntimeError("open_transfers first")
-        hashes = unpack_hashes(descriptor.hashes)
-        size = self.transfer_block_bytes
-        if descriptor.kv != self._kv_digest.hex() or descriptor.block_bytes != size:
-            raise ValueError(f"KV from {peer} is of another model or layout than this "
-                             "engine's")
-        if len(descriptor.addrs) != len(hashes):
-            raise ValueError(f"KV descriptor from {peer} names {len(hashes)} blocks and "
-                             f"{len(descriptor.addrs)} addresses")
-        if descriptor.lease_expires <= time.time():
-            raise ValueError(f"the lease on KV from {peer} ran out")
-        await self.receive_blocks(list(hashes))
-        n = 0
-        while n < len(hashes) and self.holds(hashes[n]):
-            n += 1
-        return n
+        hashes = list(self._readable(descriptor))
+        await self.receive_blocks(hashes)
+        return self.held_prefix(hashes)
 
     async def receive_blocks(self, hashes: list[int]) -> int:
         """The simulated READ: the blocks of ``hashes`` this engine holds in no tier go
